@@ -1,0 +1,28 @@
+"""gradguard: keep deep-network training stable.
+
+Measure per-layer gradient statistics on the device, treat bad steps (clipping, skipping,
+back-off, rollback), diagnose vanishing and exploding gradients, and demonstrate the textbook
+remedies in a lab.
+"""
+
+from gradguard.clip import (
+    adaptive_clip_grad_,
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+)
+from gradguard.stats import GradStats, grad_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradStats",
+    "__version__",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_stats",
+]

@@ -1,0 +1,132 @@
+"""Validators shared by every public entry point: one error style.
+
+Every error names the argument, the value it got and the fix, in the manner of einops and
+safetensors. Validation happens once, at the public boundary, on Python numbers; nothing here
+reads a device tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "as_tensor_list",
+    "check_choice",
+    "check_int",
+    "check_norm_type",
+    "check_positive",
+    "check_probability",
+]
+
+_EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
+
+
+def as_tensor_list(
+    parameters: torch.Tensor | Iterable[torch.Tensor], name: str = "parameters"
+) -> list[torch.Tensor]:
+    """Turn a tensor or an iterable of tensors into a list, as ``torch.nn.utils`` does.
+
+    An exhausted generator gives torch's exact warning; an empty list is allowed silently (as in
+    torch). Anything that is not a tensor raises ``TypeError`` naming its position.
+    """
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"`{name}` must be a Tensor or an iterable of Tensors (e.g. model.parameters()), "
+            f"got {type(parameters).__name__}: {parameters!r:.80}."
+        )
+    is_generator = isinstance(parameters, types.GeneratorType)
+    tensors = list(parameters)
+    if is_generator and not tensors:
+        warnings.warn(_EMPTY_GENERATOR, stacklevel=3)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            hint = (
+                " It looks like (name, parameter) pairs: pass model.parameters(), not "
+                "model.named_parameters()."
+                if isinstance(t, tuple) and len(t) == 2
+                else ""
+            )
+            raise TypeError(
+                f"`{name}`[{i}] must be a Tensor, got {type(t).__name__}.{hint}"
+            )
+    return tensors
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"`{name}` must be a number, got a tensor of shape {tuple(value.shape)}.")
+        raise TypeError(
+            f"`{name}` must be a Python number, got a tensor; pass float(...) of it. "
+            "(A tensor here would force a host sync on every call.)"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}: {value!r:.80}.")
+    return float(value)
+
+
+def check_positive(name: str, value: Any, fix: str = "", *, allow_inf: bool = False) -> float:
+    """``value`` must be a finite number > 0 (or +inf when ``allow_inf``)."""
+    v = _as_float(name, value)
+    ok = v > 0 and (math.isfinite(v) or (allow_inf and v == math.inf))
+    if not ok:
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}. {fix}".rstrip())
+    return v
+
+
+def check_norm_type(norm_type: Any) -> float:
+    """``norm_type`` must be > 0 or ±inf (a string such as ``"inf"`` is accepted, as in torch).
+
+    Torch accepts 0 and negative orders and returns a count of non-zeros or a minimum; neither is
+    a norm that clipping can use, so gradguard refuses them (a documented deviation).
+    """
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`norm_type` must be a number or 'inf', got {norm_type!r:.80}."
+        ) from None
+    if math.isnan(p) or (p <= 0 and p != -math.inf):
+        raise ValueError(
+            f"`norm_type` must be a positive number or +/-inf, got {norm_type!r}. "
+            "Use 2.0 for the Euclidean norm, 1.0 for the sum of absolute values or 'inf' for "
+            "the largest absolute value."
+        )
+    return p
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, fix: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r:.80}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}. {fix}".rstrip())
+    return value
+
+
+def check_probability(name: str, value: Any, *, low: float = 0.0, high: float = 1.0,
+                      open_low: bool = False, open_high: bool = False) -> float:
+    v = _as_float(name, value)
+    lo_ok = v > low if open_low else v >= low
+    hi_ok = v < high if open_high else v <= high
+    if not (lo_ok and hi_ok) or math.isnan(v):
+        lb = "(" if open_low else "["
+        rb = ")" if open_high else "]"
+        raise ValueError(f"`{name}` must lie in {lb}{low}, {high}{rb}, got {value!r}.")
+    return v
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(c) for c in options)}; got {value!r}."
+        )
+    return value

@@ -1,0 +1,302 @@
+"""Gradient clipping: a drop-in for ``torch.nn.utils`` plus adaptive (unit-wise) clipping.
+
+``clip_grad_norm_``, ``clip_grad_value_``, ``get_total_norm`` and ``clip_grads_with_norm_`` take
+torch's names, argument order, defaults and return values. Deliberate deviations, each tested:
+
+* **Validation.** ``max_norm`` and ``clip_value`` must be > 0 and ``norm_type`` > 0 or +/-inf;
+  torch accepts ``max_norm=-1`` and silently flips the gradients' sign (pytorch/pytorch#31367).
+* **Accumulation dtype.** Norms of fp16/bf16 gradients are accumulated and returned in float32, so
+  a total above 65504 is the true value, not torch's fp16 ``inf`` that then zeroes the gradients.
+  float32 and float64 gradients use torch's exact kernels and give bit-identical results.
+* **eps.** Keyword-only ``eps`` (default ``1e-6``, torch's) sets the coefficient
+  ``max_norm / (norm + eps)``; ``eps=0`` selects the optax/TensorFlow convention: gradients
+  below ``max_norm`` are left alone and larger ones are scaled by exactly ``max_norm / norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from gradguard._checks import as_tensor_list, check_norm_type, check_positive
+from gradguard.stats import acc_dtype, compute_stats, group_by_device_dtype, use_foreach
+
+__all__ = [
+    "adaptive_clip_grad_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
+
+_MAX_NORM_FIX = "Pass the largest allowed gradient norm, e.g. max_norm=1.0 (inf measures without clipping)."
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+        raise ValueError(
+            f"`eps` must be a finite number >= 0, got {eps!r}. Use 1e-6 for torch's convention "
+            "or 0 for optax/TensorFlow's."
+        )
+    return float(eps)
+
+
+def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
+    """Torch's ``error_if_nonfinite`` check: one host sync, by the caller's request."""
+    if bool(torch.logical_or(total_norm.isnan(), total_norm.isinf())):  # [sync] asked for
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from "
+            "`parameters` is non-finite, so it cannot be clipped. To disable "
+            "this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
+        )
+
+
+def clip_coef(total_norm: Tensor, max_norm: float | Tensor, eps: float = 1e-6) -> Tensor:
+    """The multiplier that brings ``total_norm`` down to ``max_norm``; never above 1, never a sync.
+
+    ``eps > 0``: ``min(1, max_norm / (total_norm + eps))`` (torch). ``eps == 0``: 1 while
+    ``total_norm < max_norm``, else ``max_norm / total_norm`` (optax, TensorFlow).
+    """
+    if eps > 0:
+        return torch.clamp(max_norm / (total_norm + eps), max=1.0)
+    return torch.where(total_norm < max_norm, 1.0, max_norm / total_norm).to(total_norm.dtype)
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
+    """Multiply every tensor in place by the 0-dim ``coef``, one foreach call per group.
+
+    The multiply happens even when ``coef == 1``: testing ``coef < 1`` first would be a host sync.
+    """
+    coefs: dict[torch.device, Tensor] = {}
+    for (device, _), idx in group_by_device_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        c = coefs.get(device)
+        if c is None:
+            c = coefs[device] = coef.to(device)
+        if use_foreach(group, device, foreach):
+            torch._foreach_mul_(group, c)
+        else:
+            for g in group:
+                g.mul_(c)
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: Tensor | Iterable[Tensor],
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The norm of ``tensors`` viewed as a single vector (drop-in for ``torch.nn.utils.get_total_norm``).
+
+    Args:
+        tensors (Tensor or iterable of Tensors): usually gradients, ``[p.grad for p in params]``.
+        norm_type (float or str, optional): order of the norm, > 0 or ``'inf'``. Default: 2.0.
+        error_if_nonfinite (bool, optional): raise if the norm is NaN or Inf (one host sync).
+            Default: False.
+        foreach (bool, optional): use the foreach kernels; ``None`` picks them where supported.
+
+    Returns:
+        Tensor: the total norm, in ``max(float32, dtype)``; ``tensor(0.)`` for no tensors.
+    """
+    p = check_norm_type(norm_type)
+    ts = as_tensor_list(tensors, "tensors")
+    if not ts:
+        return torch.tensor(0.0)
+    total = compute_stats(ts, p, foreach).global_norm
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, p)
+    return total
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+    *,
+    eps: float = 1e-6,
+) -> None:
+    r"""Scale the gradients given a pre-computed total norm (drop-in for torch's).
+
+    .. math::
+        g \leftarrow g \cdot \min\left(1, \frac{\text{max\_norm}}{\text{total\_norm} + \epsilon}\right)
+
+    Args:
+        parameters (Tensor or iterable of Tensors): parameters whose gradients are scaled.
+        max_norm (float): the largest allowed norm; must be > 0.
+        total_norm (Tensor): the norm to scale from, e.g. from :func:`get_total_norm`.
+        foreach (bool, optional): use the foreach kernels; ``None`` picks them where supported.
+        eps (float, keyword-only): 1e-6 (torch) or 0 (optax/TensorFlow: strict threshold).
+    """
+    max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
+    eps = _check_eps(eps)
+    if not isinstance(total_norm, Tensor):
+        raise TypeError(
+            f"`total_norm` must be a Tensor (e.g. from get_total_norm), got {type(total_norm).__name__}."
+        )
+    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    if grads:
+        scale_(grads, clip_coef(total_norm, max_norm, eps), foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Clip the gradients' total norm in place (drop-in for ``torch.nn.utils.clip_grad_norm_``).
+
+    The norm is computed over all gradients together, as if concatenated into one vector. The
+    per-tensor norms come out of the same pass (see :func:`gradguard.grad_stats`); no host sync.
+
+    Args:
+        parameters (Tensor or iterable of Tensors): parameters whose gradients are clipped.
+        max_norm (float): the largest allowed norm; must be > 0 (``inf`` measures only).
+            Unlike torch, a negative or zero value raises instead of flipping or zeroing the grads.
+        norm_type (float or str, optional): order of the norm, > 0 or ``'inf'``. Default: 2.0.
+        error_if_nonfinite (bool, optional): raise torch's ``RuntimeError`` if the total norm is
+            NaN or Inf, leaving the gradients untouched (one host sync). Default: False, which,
+            as in torch, scales by the non-finite norm (the gradients become NaN/0). Use
+            :class:`gradguard.Guard` to skip such steps safely instead.
+        foreach (bool, optional): use the foreach kernels; ``None`` picks them where supported.
+        eps (float, keyword-only): 1e-6 (torch, default) or 0 (optax/TensorFlow convention).
+
+    Returns:
+        Tensor: the total norm before clipping, in ``max(float32, grad dtype)``.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> gg.clip_grad_norm_([w], max_norm=1.0, eps=0.0)
+        tensor(5.)
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
+    p = check_norm_type(norm_type)
+    eps = _check_eps(eps)
+    grads = [t.grad for t in as_tensor_list(parameters) if t.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = compute_stats(grads, p, foreach).global_norm
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, p)
+    scale_(grads, clip_coef(total, max_norm, eps), foreach)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None
+) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` (drop-in for torch's).
+
+    NaN stays NaN and +/-Inf becomes +/-clip_value, which hides an overflow: check for
+    non-finite gradients first (``grad_stats(...).nonfinite``; :class:`gradguard.Guard` does).
+
+    Args:
+        parameters (Tensor or iterable of Tensors): parameters whose gradients are clamped.
+        clip_value (float): the largest allowed magnitude; must be > 0 (torch accepts a negative
+            value and sets every gradient to it).
+        foreach (bool, optional): use the foreach kernels; ``None`` picks them where supported.
+    """
+    v = check_positive(
+        "clip_value", clip_value, "Pass the largest allowed absolute gradient value, e.g. clip_value=1.0."
+    )
+    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    for (device, _), idx in group_by_device_dtype(grads).items():
+        group = [grads[i] for i in idx]
+        if use_foreach(group, device, foreach):
+            torch._foreach_clamp_min_(group, -v)
+            torch._foreach_clamp_max_(group, v)
+        else:
+            for g in group:
+                g.clamp_(-v, v)
+
+
+def _unit_norm(t: Tensor, acc: torch.dtype) -> Tensor:
+    """L2 norm per output unit in torch layout: over every dim but dim 0; whole tensor for <= 1-D."""
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t, 2, dtype=acc)
+    return torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=acc)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    *,
+    exclude: Iterable[Tensor | str] = (),
+) -> None:
+    r"""Adaptive gradient clipping, unit-wise (AGC; Brock et al., 2021, "High-Performance
+    Large-Scale Image Recognition Without Normalization", arXiv:2102.06171).
+
+    For every output unit ``u`` (a row of a Linear/Conv/Embedding weight in torch's (out, in, ...)
+    layout; the whole tensor for biases and gains), with norms accumulated in float32 or better:
+
+    .. math::
+        m_u = \lambda \max(\lVert W_u \rVert_2, \epsilon), \qquad
+        G_u \leftarrow G_u \cdot \frac{m_u}{\max(\lVert G_u \rVert_2, 10^{-6})}
+        \quad \text{if } \lVert G_u \rVert_2 \ge m_u
+
+    This is timm's ``adaptive_clip_grad`` formula (optax keeps at strict ``<``; the two agree
+    except at equality). The paper advises leaving the classifier head out: pass its parameters
+    (or names, with ``named_parameters()``) in ``exclude``; :class:`gradguard.AGC` finds it from the
+    module structure.
+
+    Args:
+        parameters: parameters, or ``(name, parameter)`` pairs from ``named_parameters()``.
+        clipping (float): lambda, the largest allowed ratio of gradient to weight norm. Default: 0.01.
+        eps (float): floor for the weight norm, so zero-initialised units can move. Default: 1e-3.
+        exclude (iterable, keyword-only): parameters, or names when ``parameters`` are named
+            pairs, to leave unclipped.
+    """
+    clipping = check_positive("clipping", clipping, "AGC's lambda is typically 0.01 to 0.16.")
+    eps = check_positive("eps", eps, "AGC's weight-norm floor is typically 1e-3.")
+    items = list(parameters) if not isinstance(parameters, Tensor) else [parameters]
+    named = bool(items) and isinstance(items[0], tuple)
+    if named:
+        names = [n for n, _ in items]
+        params = as_tensor_list([p for _, p in items])
+    else:
+        names = None
+        params = as_tensor_list(items)
+    skip_ids: set[int] = set()
+    for e in exclude:
+        if isinstance(e, str):
+            if names is None:
+                raise ValueError(
+                    f"`exclude` names a parameter ({e!r}) but `parameters` carries no names; pass "
+                    "model.named_parameters(), or exclude the parameter tensors themselves."
+                )
+            if e not in names:
+                raise ValueError(
+                    f"`exclude` names {e!r}, which is not among the parameters; known names "
+                    f"include {names[:5]}."
+                )
+            skip_ids.add(id(params[names.index(e)]))
+        elif isinstance(e, Tensor):
+            skip_ids.add(id(e))
+        else:
+            raise TypeError(f"`exclude` entries must be Tensors or names, got {type(e).__name__}.")
+    for p in params:
+        g = p.grad
+        if g is None or id(p) in skip_ids:
+            continue
+        acc = acc_dtype(g.dtype)
+        max_norm = _unit_norm(p.detach(), acc).clamp_min_(eps).mul_(clipping)
+        g_norm = _unit_norm(g, acc)
+        factor = torch.where(g_norm >= max_norm, max_norm / g_norm.clamp_min(1e-6), 1.0)
+        g.mul_(factor)
