@@ -1,0 +1,1 @@
+"""Plots (matplotlib) and self-contained HTML pages. Imports matplotlib only when used."""

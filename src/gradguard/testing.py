@@ -1,0 +1,83 @@
+"""Test helpers for users and for gradguard's own suite: count host syncs on any device.
+
+``count_host_syncs()`` counts every read of a device value by the host: ``aten::_local_scalar_dense``
+(``.item()``, ``float(t)``, ``bool(t)``, ``if t:``), ``aten::equal``, copies from a non-CPU device
+to the CPU, and ``Tensor.tolist()``/``Tensor.numpy()``. On CPU these cost nothing, but each is a
+stall on a GPU; counting them on CPU catches the code paths that would stall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["SyncCounter", "count_host_syncs"]
+
+_SYNC_OPS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.is_nonzero.default,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """A dispatch mode that counts host reads; ``count`` and ``ops`` (op names) are kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.ops: list[str] = []
+
+    def _hit(self, name: str) -> None:
+        self.count += 1
+        self.ops.append(name)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func in _SYNC_OPS:
+            self._hit(str(func))
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[0] if func is torch.ops.aten._to_copy.default else args[1]
+            dst_dev = kwargs.get("device") if func is torch.ops.aten._to_copy.default else args[0].device
+            if (
+                isinstance(src, torch.Tensor)
+                and src.device.type != "cpu"
+                and dst_dev is not None
+                and torch.device(dst_dev).type == "cpu"
+            ):
+                self._hit(f"{func} to cpu")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[SyncCounter]:
+    """Context manager yielding a :class:`SyncCounter` whose ``count`` grows with each host read.
+
+    Example:
+        >>> import torch
+        >>> from gradguard.testing import count_host_syncs
+        >>> with count_host_syncs() as c:
+        ...     _ = torch.ones(3).sum().item()
+        >>> c.count
+        1
+    """
+    counter = SyncCounter()
+    orig_tolist, orig_numpy = torch.Tensor.tolist, torch.Tensor.numpy
+
+    def tolist(self, *a, **k):  # type: ignore[no-untyped-def]
+        counter._hit("Tensor.tolist")
+        return orig_tolist(self, *a, **k)
+
+    def numpy(self, *a, **k):  # type: ignore[no-untyped-def]
+        counter._hit("Tensor.numpy")
+        return orig_numpy(self, *a, **k)
+
+    torch.Tensor.tolist, torch.Tensor.numpy = tolist, numpy  # type: ignore[method-assign]
+    try:
+        with counter:
+            yield counter
+    finally:
+        torch.Tensor.tolist, torch.Tensor.numpy = orig_tolist, orig_numpy  # type: ignore[method-assign]
