@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-quick clean
+.PHONY: venv browser test bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 
 venv: $(VENV)/.installed-dev
 
-test: venv
+# Headless Chromium (Debian's package) for the tests that open the HTML reports as a person would.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing chromium (apt-get) for the HTML report tests"; \
+	      apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else echo "note: chromium is missing and cannot be installed here; browser tests will skip (and fail under CI)"; fi; }
+
+test: venv browser
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: venv
