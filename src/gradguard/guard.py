@@ -266,6 +266,7 @@ class Guard:
         self._false = torch.zeros((), dtype=torch.bool, device=plan.device)
         self._inf = torch.full((), math.inf, dtype=plan.norm_dtype, device=plan.device)
         self._checked_optimizers: set[int] = set()
+        self._found_inf_ok: set[int] = set()
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
         self._snapshots: deque[_Snapshot] = deque(maxlen=self.spike.keep if self.spike else 1)
@@ -322,10 +323,31 @@ class Guard:
             )
         self._checked_optimizers.add(id(optimizer))
 
-    def _needs_host_each_step(self, fused: bool) -> bool:
-        if not fused or self.scheduler is not None:
+    def _needs_host_each_step(self, optimizer: Any, fused: bool) -> bool:
+        if not fused or self.scheduler is not None or not self._found_inf_safe(optimizer):
             return True
         return self.spike is not None and self.spike.needs_host_each_step()
+
+    def _found_inf_safe(self, optimizer: Any) -> bool:
+        """Whether skipping through ``found_inf`` leaves this optimizer's state intact.
+
+        torch 2.13's fused SGD with momentum allocates its momentum buffers with ``empty_like``
+        on its first step and, when that step is skipped through ``found_inf``, keeps them
+        uninitialised: the next step reads garbage (measured: parameters of -5e34). Until every
+        buffer exists, such an optimizer takes the one-sync path, which skips by not calling
+        ``step()``. (GradScaler's own path has the same hazard when AMP skips the first step.)
+        """
+        if id(optimizer) in self._found_inf_ok:
+            return True
+        if isinstance(optimizer, torch.optim.SGD):
+            for group in optimizer.param_groups:
+                if group.get("momentum", 0) != 0 and any(
+                    optimizer.state.get(p, {}).get("momentum_buffer") is None
+                    for p in group["params"] if p.grad is not None
+                ):
+                    return False
+        self._found_inf_ok.add(id(optimizer))
+        return True
 
     @staticmethod
     def _unscale(optimizer: torch.optim.Optimizer, scaler: Any) -> Tensor | None:
@@ -424,7 +446,7 @@ class Guard:
         self._check_optimizer(optimizer)
         self._last_optimizer, self._last_scaler = optimizer, scaler
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-        per_step_sync = self._needs_host_each_step(fused)
+        per_step_sync = self._needs_host_each_step(optimizer, fused)
         spike_policy = self.spike
         if spike_policy is not None and spike_policy.rollback and not self._snapshots:
             self._take_snapshot(optimizer, scaler)
@@ -625,6 +647,7 @@ class Guard:
         from_step = self._step
         self.model.load_state_dict(snap.model)
         optimizer.load_state_dict(_to_cpu(snap.optimizer))  # a copy: load_state_dict may alias
+        self._found_inf_ok.discard(id(optimizer))  # its state may predate lazy initialisation
         if scaler is not None and snap.scaler is not None:
             scaler.load_state_dict(_to_cpu(snap.scaler))
         if self.scheduler is not None and snap.scheduler is not None:
