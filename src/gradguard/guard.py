@@ -153,8 +153,7 @@ class Guard:
 
     Example:
         >>> import torch, gradguard as gg
-        >>> torch.manual_seed(0)
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> guard = gg.Guard(model, clip=1.0, flush_every=5)
