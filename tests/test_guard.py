@@ -463,3 +463,32 @@ def test_step_validation():
     extra = nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="not trainable parameters of the Guard's `model`"):
         guard.step(torch.optim.SGD([*model.parameters(), extra], lr=0.1))
+
+
+def test_mixed_and_low_precision_dtypes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[1].double()
+    model[0].bfloat16()
+    guard = gg.Guard(model, clip=gg.ZClip(warmup=2), flush_every=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(3):
+        x = torch.randn(3, 4).bfloat16()
+        model[1](model[0](x).double()).pow(2).mean().backward()
+        model[0].weight.grad.mul_(1e4 if t == 2 else 1.0)
+        out = guard.step(opt)
+        opt.zero_grad()
+    assert out.global_norm.dtype == torch.float64 and bool(out.clipped)
+    assert all(math.isfinite(v) for v in guard.history.global_norm)
+
+
+def test_public_flush_updates_counters_on_the_zero_sync_path():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    guard = gg.Guard(model, flush_every=50)
+    loss_of(model, 0).backward()
+    model[0].weight.grad[0, 0] = math.nan
+    guard.step(opt)
+    assert guard.total_nonfinite == 0  # not read yet: no sync on this path
+    guard.flush()
+    assert (guard.total_nonfinite, guard.consecutive_nonfinite, guard.last_nonfinite_step) == (1, 1, 0)
