@@ -132,7 +132,10 @@ class Guard:
             (``FixedClip(max_norm)``).
         skip_nonfinite: skip the optimizer step when any gradient is NaN/Inf (or the norm
             overflows). The optimizer and its state are left bit-identical; the gradients are
-            zeroed; the scheduler is not stepped; no policy state changes. Default: True.
+            zeroed; the scheduler is not stepped; no policy state changes. The decision is taken
+            on the gradients (under AMP, also on the scaler's ``found_inf``); a non-finite
+            ``loss`` with finite gradients is recorded and kept out of the spike statistics but
+            does not skip the step. Default: True.
         spike: a :class:`SpikePolicy` (skip, LR back-off, rollback on loss/norm spikes), or None
             (off, the default).
         scheduler: an LR scheduler the Guard steps after every applied optimizer step (and not
@@ -148,7 +151,8 @@ class Guard:
         measure_updates: record the per-layer update/weight ratio ``||dw|| / ||w||`` every k
             steps (it costs a copy of the parameters on those steps): an int k (0 = never), or
             ``"auto"`` (once per flush interval). Default: ``"auto"``.
-        history_rows: flushed rows kept in :attr:`history` (the oldest are dropped). Default: 10000.
+        history_rows: flushed rows kept in :attr:`history` (the oldest are dropped; sinks keep
+            everything). Default: 2000.
         foreach: use the foreach kernels (None: where supported, as ``torch.nn.utils``).
 
     Example:
@@ -184,7 +188,7 @@ class Guard:
         on_nonfinite: str = "raise",
         measure_updates: int | str = "auto",
         *,
-        history_rows: int = 10_000,
+        history_rows: int = 2_000,
         foreach: bool | None = None,
     ) -> None:
         self._plan = ParamPlan.from_module(model)
