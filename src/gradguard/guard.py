@@ -683,9 +683,14 @@ class Guard:
         call_sinks(self.sinks, chunk)
         n_skip = sum(chunk.skipped)
         if n_skip:
-            bad = [s for s, g in zip(chunk.step, chunk.global_norm) if not math.isfinite(g)]
-            log.warning("gradguard: %d of %d steps skipped (%d with non-finite gradients) in steps %d..%d",
-                        n_skip, len(chunk), len(bad), chunk.step[0], chunk.step[-1])
+            bad = [i for i, g in enumerate(chunk.global_norm) if not math.isfinite(g)]
+            culprit = ""
+            if bad:  # the per-tensor norms of the same pass name the culprit, in module order
+                row = chunk.layer_norm[bad[0]]
+                first = next((n for n, v in zip(chunk.names, row) if not math.isfinite(v)), None)
+                culprit = f"; first non-finite layer at step {chunk.step[bad[0]]}: {first}"
+            log.warning("gradguard: %d of %d steps skipped (%d with non-finite gradients) in steps %d..%d%s",
+                        n_skip, len(chunk), len(bad), chunk.step[0], chunk.step[-1], culprit)
         if process:
             # Rows from the zero-sync path reach the host counters only now.
             for i, seen in enumerate(observed):
