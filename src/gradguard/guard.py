@@ -268,7 +268,9 @@ class Guard:
         self._history = History(list(plan.names))
         self._false = torch.zeros((), dtype=torch.bool, device=plan.device)
         self._inf = torch.full((), math.inf, dtype=plan.norm_dtype, device=plan.device)
+        self._nan = torch.full((), math.nan, dtype=plan.norm_dtype, device=plan.device)
         self._checked_optimizers: set[int] = set()
+        self._consts: dict[float, Tensor] = {}
         self._found_inf_ok: set[int] = set()
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
@@ -373,6 +375,17 @@ class Guard:
             total = total + f.to(total.device)
         return total
 
+    def _const(self, value: float) -> Tensor:
+        """A cached device scalar: building one from a Python float each step would be a
+        host-to-device copy, which CUDA performs synchronously."""
+        t = self._consts.get(value)
+        if t is None:
+            if len(self._consts) > 64:
+                self._consts.clear()
+            t = self._consts[value] = torch.full((), value, dtype=self._plan.norm_dtype,
+                                                 device=self._plan.device)
+        return t
+
     def _loss_tensor(self, loss: Any) -> Tensor | None:
         if loss is None:
             return None
@@ -437,7 +450,8 @@ class Guard:
                 through their ``found_inf`` tensor, with no host sync.
             scaler: a ``torch.amp.GradScaler``, or None.
             loss: this step's loss (a scalar tensor or number), recorded in the history and fed
-                to the spike detector. Optional.
+                to the spike detector. Optional. Prefer the tensor: a Python number costs a
+                host-to-device copy on a GPU.
 
         Returns:
             StepOutcome: ``global_norm``, ``clipped``, ``skipped``, ``threshold`` (device tensors).
@@ -520,8 +534,8 @@ class Guard:
 
         self._buffer.record(
             step_idx, global_norm=stats.global_norm, per_tensor_norm=stats.per_tensor_norm,
-            loss=loss_t, threshold=threshold, clipped=clipped, skipped=skip, lr_scale=lr_scale,
-            update_ratio=ratio,
+            loss=loss_t if loss_t is not None else self._nan, threshold=threshold,
+            clipped=clipped, skipped=skip, lr_scale=self._const(lr_scale), update_ratio=ratio,
         )
         self._observed.append(per_step_sync)
         self._step += 1
