@@ -507,3 +507,33 @@ def test_flush_log_names_the_first_nonfinite_layer(caplog):
             guard.step(opt)
         opt.zero_grad()
     assert "1 of 2 steps skipped" in caplog.text and "at step 1: 2.bias" in caplog.text
+
+
+def test_zero_sync_path_raises_at_the_next_flush():
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    guard = gg.Guard(model, max_consecutive=1, flush_every=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    for t in range(3):  # three consecutive non-finite steps: no host read yet, all skipped on device
+        loss_of(model, t).backward()
+        model[0].bias.grad[1] = math.inf
+        guard.step(opt)
+        opt.zero_grad()
+    loss_of(model, 3).backward()
+    with pytest.raises(GuardError, match=r"steps 0\.\.1.*'0\.bias'"):
+        guard.step(opt)  # the flush reads the rows and finds the limit was passed at step 1
+    assert guard.total_nonfinite == 2  # counted up to the step that broke the limit
+    # steps 0-2 were skipped on the device; step 3 (finite) was applied before the flush
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_value_clip_does_not_hide_an_inf():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, clip=gg.ValueClip(0.01))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, 0).backward()
+    model[2].weight.grad[1, 1] = -math.inf  # clamping alone would turn it into -0.01
+    assert bool(guard.step(opt).skipped)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
