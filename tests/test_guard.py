@@ -537,3 +537,26 @@ def test_value_clip_does_not_hide_an_inf():
     model[2].weight.grad[1, 1] = -math.inf  # clamping alone would turn it into -0.01
     assert bool(guard.step(opt).skipped)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_zero_sync_path_rolls_back_at_the_flush():
+    calls = []
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    guard = gg.Guard(model, max_consecutive=1, flush_every=4, on_nonfinite="rollback",
+                     spike=gg.SpikePolicy(signals=(), rollback=True, snapshot_every=8,
+                                          on_rollback=lambda a, b: calls.append((a, b))))
+    at8 = None
+    for t in range(12):
+        loss_of(model, t).backward()
+        if t in (9, 10, 11):
+            model[4].weight.grad[0, 0] = math.nan
+        with count_host_syncs() as c:
+            guard.step(opt)
+        assert c.count == (1 if (t + 1) % 4 == 0 else 0)
+        opt.zero_grad()
+        if guard.step_count == 8 and at8 is None:
+            at8 = [p.detach().clone() for p in model.parameters()]
+    assert calls == [(12, 8)] and guard.step_count == 8
+    assert (guard.total_nonfinite, guard.consecutive_nonfinite) == (2, 0)  # row 11: abandoned
+    assert all(torch.equal(a, b) for a, b in zip(at8, model.parameters()))

@@ -712,8 +712,11 @@ class Guard:
                     continue
                 nonfinite = not math.isfinite(chunk.global_norm[i])
                 skipped = chunk.skipped[i]
+                rollbacks = self.rollbacks
                 self._observe(chunk.step[i], skipped, nonfinite, skipped and not nonfinite,
                               optimizer, scaler)
+                if self.rollbacks != rollbacks:
+                    break  # the later rows belong to the abandoned stretch
         return chunk
 
     def _flush(self, optimizer: Any = None, scaler: Any = None) -> History:
