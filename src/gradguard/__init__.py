@@ -12,12 +12,29 @@ from gradguard.clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from gradguard.guard import Guard, StepOutcome
+from gradguard.history import History
+from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
+from gradguard.sinks import CSVSink, JSONLSink, TensorBoardSink
+from gradguard.spike import SpikePolicy
 from gradguard.stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
+    "CSVSink",
+    "FixedClip",
     "GradStats",
+    "Guard",
+    "History",
+    "JSONLSink",
+    "SpikePolicy",
+    "StepOutcome",
+    "TensorBoardSink",
+    "ValueClip",
+    "ZClip",
     "__version__",
     "adaptive_clip_grad_",
     "clip_grad_norm_",
