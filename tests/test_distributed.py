@@ -115,7 +115,9 @@ def _state_digest(obj: Any) -> str:
 
 
 def _guard_run(model: torch.nn.Module, rank: int, plant_nan_at: int | None) -> dict[str, Any]:
-    """Six guarded SGD steps with ZClip; returns per-step outcomes, collective counts, digests."""
+    """Six guarded SGD steps with ZClip; returns per-step outcomes, collective counts, digests.
+
+    The Guard measures the update/weight ratio at step 0 (``measure_updates="auto"``)."""
     import gradguard as gg
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -137,8 +139,10 @@ def _guard_run(model: torch.nn.Module, rank: int, plant_nan_at: int | None) -> d
         steps.append({"norm": float(out.global_norm), "skipped": bool(out.skipped),
                       "clipped": bool(out.clipped), "collectives": cc.ops,
                       "params_changed": before != after})
+    guard.flush()
     return {
         "steps": steps,
+        "update_ratio_step0": guard.history.update_ratio[0],
         "guard_state": _state_digest(guard.state_dict()),
         "params": _state_digest(model.state_dict()),
         "opt_state": _state_digest(opt.state_dict()["state"]),
@@ -323,9 +327,27 @@ def test_guard_state_identical_across_ranks(runs: list[dict[str, Any]], setup: s
 @pytest.mark.parametrize("setup", ["guard_ddp", "guard_ddp_nan", "guard_fsdp_nan"])
 def test_guard_one_all_reduce_per_step(runs: list[dict[str, Any]], setup: str) -> None:
     _needs_guard(runs)
+    one = ["c10d.allreduce_.default"]
     for res in runs:
-        for s in res[setup]["steps"]:
-            assert s["collectives"] == ["c10d.allreduce_.default"], s["collectives"]
+        counts = [s["collectives"] for s in res[setup]["steps"]]
+        if setup == "guard_fsdp_nan":
+            # step 0 also measures the update/weight ratio of sharded weights: one more all-reduce
+            assert counts[0] == one * 2 and counts[1:] == [one] * 5, counts
+        else:  # DDP weights are replicated: the ratio is local, never a collective
+            assert counts == [one] * 6, counts
+
+
+def test_guard_fsdp2_matches_ddp(runs: list[dict[str, Any]]) -> None:
+    """Same model, data and averaging: the FSDP2 Guard sees what the DDP Guard sees."""
+    _needs_guard(runs)
+    for res in runs:
+        ddp, fsdp = res["guard_ddp_nan"], res["guard_fsdp_nan"]
+        for a, b in zip(ddp["steps"], fsdp["steps"]):
+            assert (a["skipped"], a["clipped"]) == (b["skipped"], b["clipped"])
+            assert math.isnan(a["norm"]) == math.isnan(b["norm"])
+            assert math.isnan(a["norm"]) or _close(a["norm"], b["norm"])
+        assert all(_close(x, y) for x, y in zip(ddp["update_ratio_step0"], fsdp["update_ratio_step0"]))
+        assert all(0 < x < 1 for x in ddp["update_ratio_step0"])
 
 
 @pytest.mark.parametrize("setup", ["guard_ddp_nan", "guard_fsdp_nan"])

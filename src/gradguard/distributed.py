@@ -77,7 +77,7 @@ from torch import Tensor
 
 from gradguard.stats import GradStats, acc_dtype, compute_stats, tensor_norms
 
-__all__ = ["is_distributed", "reduce_grad_stats"]
+__all__ = ["has_dtensor", "is_distributed", "reduce_grad_stats", "sharded_update_ratio", "step_stats"]
 
 
 def _dist():  # type: ignore[no-untyped-def]
@@ -304,3 +304,55 @@ def reduce_grad_stats(
     nonfinite = (red_nonfinite > 0) | ~torch.isfinite(total64)
     stats = GradStats(total64.to(out_dtype), per_tensor64.to(out_dtype), nonfinite, p)
     return stats, reduced_extras
+
+
+def step_stats(
+    grads: Sequence[Tensor | None],
+    norm_type: float,
+    loss: Tensor | None = None,
+    group: object | None = None,
+    foreach: bool | None = None,
+) -> tuple[GradStats, Tensor | None]:
+    """What ``Guard.step`` needs each step: the statistics and the loss, identical on every rank.
+
+    One process: :func:`gradguard.stats.compute_stats` and ``loss`` unchanged (bit for bit what a
+    Guard computes without ``torch.distributed``). Several ranks: :func:`reduce_grad_stats` with
+    the loss packed into the same all-reduce and returned as the mean over ranks (the maximum
+    under ``norm_type=inf``, whose all-reduce is a MAX). Every rank must pass a loss, or none.
+    """
+    if not is_distributed(group):
+        return compute_stats(grads, norm_type, foreach), loss
+    extras = None if loss is None else loss.detach().reshape(1)
+    stats, reduced = reduce_grad_stats(grads, norm_type, group, extras, foreach=foreach)
+    if loss is None or reduced is None:
+        return stats, loss
+    value = reduced.reshape(())
+    if norm_type != math.inf:
+        value = value / _dist().get_world_size(group)
+    out_dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
+    return stats, value.to(device=loss.device, dtype=out_dtype)
+
+
+def has_dtensor(tensors: Sequence[Tensor | None]) -> bool:
+    """True when any of ``tensors`` is a DTensor (FSDP2, tensor parallelism)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+@torch.no_grad()
+def sharded_update_ratio(
+    params: Sequence[Tensor], before: Sequence[Tensor], group: object | None = None
+) -> Tensor:
+    """Per-tensor ``||w - w_before|| / ||w||`` for DTensor parameters, from one all-reduce.
+
+    The local norm of a shard is not the tensor's norm, so the two per-tensor norms are reduced
+    across ranks together (:func:`reduce_grad_stats` on ``[w - w_before, ..., w, ...]``; a
+    DTensor difference of equally placed tensors is a local operation). The Guard calls this on
+    its update-measuring steps only (every ``measure_updates`` steps): one extra all-reduce there.
+    NaN where the weight norm is 0 or a value is non-finite.
+    """
+    diffs = [a.detach() - b for a, b in zip(params, before)]
+    stats, _ = reduce_grad_stats([*diffs, *(p.detach() for p in params)], 2.0, group)
+    n = len(params)
+    ratio = stats.per_tensor_norm[:n] / stats.per_tensor_norm[n:]
+    return torch.where(torch.isfinite(ratio), ratio, math.nan)

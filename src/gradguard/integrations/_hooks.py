@@ -1,14 +1,13 @@
 """What the framework adapters share: running a Guard inside a hook, and turning history into charts.
 
 Frameworks such as Lightning and the Hugging Face Trainer call ``optimizer.step()`` themselves;
-a callback only gets a hook just before it. So the adapter runs ``Guard.step`` against
-:class:`DeferredStep`, a stand-in optimizer whose ``step()`` only records that the Guard decided
-to step, and lets the framework make the real call. When the Guard decides to skip, the adapter
-*cancels* the framework's coming step with :func:`cancel_step`: every gradient of the optimizer
-is set to ``None``. Torch's optimizers leave a parameter whose ``.grad`` is None completely
-untouched (no update, no weight decay, no momentum decay, no step-counter increment), so a
-cancelled step leaves parameters and optimizer state bit-identical. Zeroing the gradients instead
-would decay momentum and apply weight decay (see ``specs/remedies.md`` B6).
+a callback only gets a hook just before it. The adapter therefore calls
+``guard.step(optimizer, loss=..., defer_step=True)``: the Guard measures, clips, decides and
+records, but leaves the step to the framework. When it decides to skip, it *cancels* the coming
+step by setting every gradient to ``None``: torch's optimizers leave a parameter whose ``.grad``
+is None completely untouched (no update, no weight decay, no momentum decay, no step-counter
+increment), so a cancelled step leaves parameters and optimizer state bit-identical. Zeroing the
+gradients instead would decay momentum and apply weight decay (``specs/remedies.md`` B6).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 
 from gradguard.history import History
 
-__all__ = ["DeferredStep", "cancel_step", "chart_rows", "require", "run_guard"]
+__all__ = ["chart_rows", "require", "run_guard"]
 
 
 def require(module: str, extra: str) -> Any:
@@ -36,50 +35,9 @@ def require(module: str, extra: str) -> Any:
         ) from e
 
 
-class DeferredStep:
-    """Stands in for ``optimizer`` inside ``Guard.step``: ``step()`` records, it does not step.
-
-    Every other attribute (``param_groups``, ``zero_grad``, ``state``) is the real optimizer's, so
-    a Guard that backs off the learning rate or zeroes gradients acts on the real one. The fused
-    ``found_inf`` path is hidden (``_step_supports_amp_scaling`` is False): the framework makes
-    the real call later, so the Guard must decide on the host, with its one sync per step.
-    """
-
-    _step_supports_amp_scaling = False
-
-    def __init__(self, optimizer: Any) -> None:
-        object.__setattr__(self, "_optimizer", optimizer)
-        object.__setattr__(self, "stepped", False)
-
-    def step(self, closure: Any = None) -> None:
-        object.__setattr__(self, "stepped", True)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._optimizer, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._optimizer, name, value)
-
-
-def cancel_step(optimizer: Any) -> None:
-    """Make the framework's coming ``optimizer.step()`` a no-op: every gradient becomes None."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
-def run_guard(guard: Any, optimizer: Any, loss: torch.Tensor | None = None) -> tuple[Any, bool]:
-    """``guard.step`` for a step the framework will make; cancels it when the Guard skips.
-
-    Returns:
-        ``(outcome, skipped)``: the Guard's ``StepOutcome`` and whether the step was cancelled.
-    """
-    proxy = DeferredStep(optimizer)
-    outcome = guard.step(proxy, loss=loss)
-    skipped = not proxy.stepped
-    if skipped:
-        cancel_step(optimizer)
-    return outcome, skipped
+def run_guard(guard: Any, optimizer: Any, loss: torch.Tensor | None = None) -> Any:
+    """``guard.step`` for a step the framework makes next (cancelled by the Guard if skipped)."""
+    return guard.step(optimizer, loss=loss, defer_step=True)
 
 
 def _module_of(name: str) -> str:

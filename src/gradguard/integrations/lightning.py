@@ -62,8 +62,6 @@ __all__ = ["GradGuardCallback"]
 
 log = logging.getLogger(__name__)
 
-_DEFAULT: Any = object()
-
 
 class _TrainerLoggers:
     """A Guard sink that writes each flushed chunk to the Trainer's loggers."""
@@ -86,9 +84,9 @@ class GradGuardCallback(Callback):
     """A :class:`gradguard.Guard` inside Lightning's training loop.
 
     Args:
-        clip: the Guard's clipping policy: ``gg.ZClip()`` (the default), ``gg.FixedClip(1.0)``,
+        clip: the Guard's clipping policy: ``gg.ZClip()``, ``gg.FixedClip(1.0)``,
             ``gg.ValueClip(...)``, ``gg.AGC()``, ``gg.AutoClip()``, a float (fixed max norm), or
-            ``None`` to measure and skip only.
+            ``None`` (the default, as for :class:`gradguard.Guard`) to measure and skip only.
         skip_nonfinite: cancel steps whose gradients hold NaN/Inf (on every rank together).
         spike: the Guard's spike handling (see :class:`gradguard.Guard`); None disables it.
         log_per_layer: per-layer gradient-norm charts in the Trainer's logger: ``False`` (only
@@ -110,7 +108,7 @@ class GradGuardCallback(Callback):
 
     def __init__(
         self,
-        clip: Any = _DEFAULT,
+        clip: Any = None,
         *,
         skip_nonfinite: bool = True,
         spike: Any = None,
@@ -166,12 +164,9 @@ class GradGuardCallback(Callback):
         if self.guard is None:
             import gradguard as gg
 
-            kwargs = dict(self._guard_kwargs)
-            if self._clip is not _DEFAULT:
-                kwargs["clip"] = self._clip
-            norm_type = float(kwargs.get("norm_type", 2.0))
+            norm_type = float(getattr(self._clip, "norm_type", 2.0))
             sinks = [*self._sinks, _TrainerLoggers(trainer, self.log_per_layer, norm_type)]
-            self.guard = gg.Guard(pl_module, sinks=sinks, **kwargs)
+            self.guard = gg.Guard(pl_module, clip=self._clip, sinks=sinks, **self._guard_kwargs)
         if self._pending_state is not None:
             self.guard.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -196,7 +191,7 @@ class GradGuardCallback(Callback):
             # so the Guard sees true gradients. scaler.step then passes grad_scale=None.
             scaler.unscale_(optimizer)
         loss, self._loss_sum = self._loss_sum, None
-        self.last_outcome, _ = run_guard(self.guard, optimizer, loss)
+        self.last_outcome = run_guard(self.guard, optimizer, loss)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.guard is not None:
