@@ -92,7 +92,14 @@ def test_logged_grad_norm_matches_the_trainers_own(tmp_path: Path, accumulation:
         assert h["gradguard/grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-6)
         assert h["gradguard/clipped"] == 1.0 and h["gradguard/threshold"] == 0.5
         assert h["gradguard/skipped"] == 0.0
-        assert any(k.startswith("gradguard/grad_norm/transformer.h.0") for k in h)
+        # 32 tensors > 16: one chart per block or module, each the 2-norm of its tensors' norms
+        groups = {k.split("/", 2)[2] for k in h if k.startswith("gradguard/grad_norm/")}
+        assert groups == {"transformer.wte", "transformer.wpe", "transformer.h.0",
+                          "transformer.h.1", "transformer.ln_f"}
+    hist = cb.guard.history
+    block0 = [hist.layer_series(n)[-1] for n in hist.names if n.startswith("transformer.h.0.")]
+    assert rows[-1]["gradguard/grad_norm/transformer.h.0"] == pytest.approx(
+        math.sqrt(sum(v * v for v in block0)), rel=1e-6)
     # and the optimizer got the clipped gradients
     assert probe.norms == [pytest.approx(0.5, rel=1e-4)] * 4
     assert cb.guard.history.global_norm == pytest.approx([h["grad_norm"] for h in rows], rel=1e-6)

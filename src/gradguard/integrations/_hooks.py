@@ -21,7 +21,7 @@ import torch
 
 from gradguard.history import History
 
-__all__ = ["chart_rows", "require", "run_guard"]
+__all__ = ["chart_rows", "group_of", "require", "run_guard"]
 
 
 def require(module: str, extra: str) -> Any:
@@ -40,30 +40,38 @@ def run_guard(guard: Any, optimizer: Any, loss: torch.Tensor | None = None) -> A
     return guard.step(optimizer, loss=loss, defer_step=True)
 
 
-def _module_of(name: str) -> str:
-    return name.split(".", 1)[0] if "." in name else name
+def group_of(name: str) -> str:
+    """The chart a tensor's norm is folded into when there are too many tensors for one each.
+
+    Up to the first numeric component (a block of a ModuleList/Sequential:
+    ``"transformer.h.3.attn.c_attn.weight"`` -> ``"transformer.h.3"``), else the owning module
+    (``"encoder.norm.weight"`` -> ``"encoder.norm"``), else the name itself.
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) if len(parts) > 1 else name
 
 
 def chart_rows(
     chunk: History, per_layer: bool | str, prefix: str = "gradguard/", norm_type: float = 2.0,
-    max_auto: int = 32,
+    max_auto: int = 16,
 ) -> list[tuple[int, dict[str, float]]]:
     """One ``(step, {chart: value})`` per row of ``chunk``, for a framework's logger.
 
     Charts: ``global_norm``, ``threshold`` (where finite), ``clipped``, ``skipped``, ``loss``
     (where recorded), plus per-layer norms: ``per_layer=True`` one chart per tensor
     (``grad_norm/<name>``); ``"auto"`` one per tensor up to ``max_auto`` tensors, else one per
-    top-level module (``grad_norm/<module>``, the ``norm_type``-norm of its tensors' norms);
-    ``False`` none. Non-finite values are logged as they are: a NaN norm is information.
+    block or module (:func:`group_of`; the ``norm_type``-norm of its tensors' norms); ``False``
+    none. Non-finite values are logged as they are: a NaN norm is information.
     """
     names = chunk.names
-    mode = per_layer
-    if per_layer == "auto":
-        mode = True if len(names) <= max_auto else "module"
-    modules: dict[str, list[int]] = {}
-    if mode == "module":
+    grouped = per_layer == "auto" and len(names) > max_auto
+    groups: dict[str, list[int]] = {}
+    if grouped:
         for j, n in enumerate(names):
-            modules.setdefault(_module_of(n), []).append(j)
+            groups.setdefault(group_of(n), []).append(j)
     rows = []
     for i, step in enumerate(chunk.step):
         m: dict[str, float] = {f"{prefix}global_norm": chunk.global_norm[i],
@@ -75,12 +83,12 @@ def chart_rows(
         if not math.isnan(chunk.loss[i]):
             m[f"{prefix}loss"] = chunk.loss[i]
         layer = chunk.layer_norm[i]
-        if mode is True:
+        if grouped:
+            for g, idx in groups.items():
+                m[f"{prefix}grad_norm/{g}"] = _combine((layer[j] for j in idx), norm_type)
+        elif per_layer:
             for n, v in zip(names, layer):
                 m[f"{prefix}grad_norm/{n}"] = v
-        elif mode == "module":
-            for mod, idx in modules.items():
-                m[f"{prefix}grad_norm/{mod}"] = _combine((layer[j] for j in idx), norm_type)
         rows.append((step, m))
     return rows
 

@@ -91,7 +91,8 @@ class GradGuardCallback(Callback):
         spike: the Guard's spike handling (see :class:`gradguard.Guard`); None disables it.
         log_per_layer: per-layer gradient-norm charts in the Trainer's logger: ``False`` (only
             the global charts), ``True`` (one chart per parameter tensor) or ``"auto"`` (one per
-            tensor up to 32 tensors, else one per top-level module).
+            tensor up to 16 tensors, else one per block or module, e.g.
+            ``transformer.h.3``).
         sinks: extra Guard sinks (e.g. ``gg.JSONLSink("run.jsonl")``; under DDP add file sinks
             on rank 0 only).
         flush_every: steps between history flushes (and logger writes).

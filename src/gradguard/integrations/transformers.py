@@ -104,8 +104,8 @@ class GradGuardCallback(TrainerCallback):
         skip_nonfinite: cancel steps whose gradients hold NaN/Inf (on every rank together).
         spike: a :class:`gradguard.SpikePolicy` on the gradient norm, or None.
         log_per_layer: per-layer norms in the logs: ``False`` (default: few keys), ``True`` (one
-            key per parameter tensor) or ``"auto"`` (per tensor up to 32, else per top-level
-            module).
+            key per parameter tensor) or ``"auto"`` (per tensor up to 16, else per block or
+            module, e.g. ``transformer.h.3``).
         sinks: extra Guard sinks (``gg.JSONLSink(...)``); under DDP add file sinks on process 0.
         flush_every: steps between the Guard's own flushes (logging steps flush too).
         **guard_kwargs: passed on to :class:`gradguard.Guard`.
