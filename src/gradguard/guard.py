@@ -133,7 +133,10 @@ class Guard:
             (``FixedClip(max_norm)``).
         skip_nonfinite: skip the optimizer step when any gradient is NaN/Inf (or the norm
             overflows). The optimizer and its state are left bit-identical; the gradients are
-            zeroed; the scheduler is not stepped; no policy state changes. Default: True.
+            zeroed; the scheduler is not stepped; no policy state changes. The decision is taken
+            on the gradients (under AMP, also on the scaler's ``found_inf``); a non-finite
+            ``loss`` with finite gradients is recorded and kept out of the spike statistics but
+            does not skip the step. Default: True.
         spike: a :class:`SpikePolicy` (skip, LR back-off, rollback on loss/norm spikes), or None
             (off, the default).
         scheduler: an LR scheduler the Guard steps after every applied optimizer step (and not
@@ -149,7 +152,8 @@ class Guard:
         measure_updates: record the per-layer update/weight ratio ``||dw|| / ||w||`` every k
             steps (it costs a copy of the parameters on those steps): an int k (0 = never), or
             ``"auto"`` (once per flush interval). Default: ``"auto"``.
-        history_rows: flushed rows kept in :attr:`history` (the oldest are dropped). Default: 10000.
+        history_rows: flushed rows kept in :attr:`history` (the oldest are dropped; sinks keep
+            everything). Default: 2000.
         foreach: use the foreach kernels (None: where supported, as ``torch.nn.utils``).
         process_group: under ``torch.distributed`` with more than one rank, the group over which
             the statistics and the loss are reduced, in one packed all-reduce per step, so that
@@ -158,8 +162,7 @@ class Guard:
 
     Example:
         >>> import torch, gradguard as gg
-        >>> torch.manual_seed(0)
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> guard = gg.Guard(model, clip=1.0, flush_every=5)
@@ -190,7 +193,7 @@ class Guard:
         on_nonfinite: str = "raise",
         measure_updates: int | str = "auto",
         *,
-        history_rows: int = 10_000,
+        history_rows: int = 2_000,
         foreach: bool | None = None,
         process_group: Any = None,
     ) -> None:
@@ -273,6 +276,7 @@ class Guard:
         self._false = torch.zeros((), dtype=torch.bool, device=plan.device)
         self._inf = torch.full((), math.inf, dtype=plan.norm_dtype, device=plan.device)
         self._checked_optimizers: set[int] = set()
+        self._found_inf_ok: set[int] = set()
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
         self._snapshots: deque[_Snapshot] = deque(maxlen=self.spike.keep if self.spike else 1)
@@ -329,10 +333,31 @@ class Guard:
             )
         self._checked_optimizers.add(id(optimizer))
 
-    def _needs_host_each_step(self, fused: bool) -> bool:
-        if not fused or self.scheduler is not None:
+    def _needs_host_each_step(self, optimizer: Any, fused: bool) -> bool:
+        if not fused or self.scheduler is not None or not self._found_inf_safe(optimizer):
             return True
         return self.spike is not None and self.spike.needs_host_each_step()
+
+    def _found_inf_safe(self, optimizer: Any) -> bool:
+        """Whether skipping through ``found_inf`` leaves this optimizer's state intact.
+
+        torch 2.13's fused SGD with momentum allocates its momentum buffers with ``empty_like``
+        on its first step and, when that step is skipped through ``found_inf``, keeps them
+        uninitialised: the next step reads garbage (measured: parameters of -5e34). Until every
+        buffer exists, such an optimizer takes the one-sync path, which skips by not calling
+        ``step()``. (GradScaler's own path has the same hazard when AMP skips the first step.)
+        """
+        if id(optimizer) in self._found_inf_ok:
+            return True
+        if isinstance(optimizer, torch.optim.SGD):
+            for group in optimizer.param_groups:
+                if group.get("momentum", 0) != 0 and any(
+                    optimizer.state.get(p, {}).get("momentum_buffer") is None
+                    for p in group["params"] if p.grad is not None
+                ):
+                    return False
+        self._found_inf_ok.add(id(optimizer))
+        return True
 
     @staticmethod
     def _unscale(optimizer: torch.optim.Optimizer, scaler: Any) -> Tensor | None:
@@ -450,7 +475,7 @@ class Guard:
                 "build the Guard with scheduler=None."
             )
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not defer_step
-        per_step_sync = self._needs_host_each_step(fused)
+        per_step_sync = self._needs_host_each_step(optimizer, fused)
         spike_policy = self.spike
         if spike_policy is not None and spike_policy.rollback and not self._snapshots:
             self._take_snapshot(optimizer, scaler)
@@ -654,6 +679,7 @@ class Guard:
         from_step = self._step
         self.model.load_state_dict(snap.model)
         optimizer.load_state_dict(_to_cpu(snap.optimizer))  # a copy: load_state_dict may alias
+        self._found_inf_ok.discard(id(optimizer))  # its state may predate lazy initialisation
         if scaler is not None and snap.scaler is not None:
             scaler.load_state_dict(_to_cpu(snap.scaler))
         if self.scheduler is not None and snap.scheduler is not None:

@@ -189,7 +189,8 @@ class FixedClip(ClipPolicy):
     def _config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm, "norm_type": self.norm_type, "eps": self.eps}
 
-    def clip_(self, params, grads, stats, skip):  # type: ignore[no-untyped-def]
+    def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
+              skip: Tensor) -> tuple[Tensor, Tensor]:
         total = stats.global_norm
         if self._thr is None or self._thr.device != total.device or self._thr.dtype != total.dtype:
             self._thr = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
@@ -226,7 +227,8 @@ class ValueClip(ClipPolicy):
     def _config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value}
 
-    def clip_(self, params, grads, stats, skip):  # type: ignore[no-untyped-def]
+    def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
+              skip: Tensor) -> tuple[Tensor, Tensor]:
         gs = _present(grads)
         total = stats.global_norm
         inf = torch.full((), math.inf, dtype=total.dtype, device=total.device)
@@ -436,7 +438,8 @@ class AGC(ClipPolicy):
                 )
         return out
 
-    def clip_(self, params, grads, stats, skip):  # type: ignore[no-untyped-def]
+    def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
+              skip: Tensor) -> tuple[Tensor, Tensor]:
         if self._excluded is None:
             self._fallback_head()
         excluded = self._excluded or set()
@@ -575,7 +578,8 @@ class AutoClip(ClipPolicy):
             tau = torch.clamp(tau, max=self.max_norm)
         return tau
 
-    def clip_(self, params, grads, stats, skip):  # type: ignore[no-untyped-def]
+    def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
+              skip: Tensor) -> tuple[Tensor, Tensor]:
         total = stats.global_norm
         st = self.state
         norm = total.to(st.history.dtype)
@@ -693,7 +697,8 @@ class ZClip(ClipPolicy):
         self.state = ZClipState(z, z.clone(), torch.zeros((), dtype=torch.int64, device=device),
                                 z.clone(), z.clone())
 
-    def clip_(self, params, grads, stats, skip):  # type: ignore[no-untyped-def]
+    def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
+              skip: Tensor) -> tuple[Tensor, Tensor]:
         total = stats.global_norm
         st = self.state
         g = total.to(st.mean.dtype)

@@ -184,6 +184,12 @@ class SpikePolicy:
 
     # -- device half ------------------------------------------------------------------------------
     def bind(self, device: torch.device) -> None:
+        """Create the detector state on ``device`` (called once by the Guard)."""
+        if self.state is not None:
+            raise ValueError(
+                "this SpikePolicy is already bound to a Guard; it keeps per-run state, so create "
+                "one SpikePolicy per Guard."
+            )
         dt = torch.float32 if device.type == "mps" else torch.float64
         z = torch.zeros(2, dtype=dt, device=device)
         self.state = DetectorState(z, z.clone(), torch.zeros(2, dtype=torch.int64, device=device),
@@ -196,7 +202,11 @@ class SpikePolicy:
         ``blocked`` (0-dim bool) marks a step whose gradients were non-finite: nothing is learned.
         """
         st = self.state
-        assert st is not None and self._mask is not None  # bound by the Guard
+        if st is None or self._mask is None:
+            raise RuntimeError(
+                "this SpikePolicy is not bound to a device yet; pass it to gg.Guard(model, "
+                "spike=...) (or call bind(device) first)."
+            )
         dev = st.mean.device
         norm = grad_norm.detach().reshape(()).to(device=dev, dtype=st.mean.dtype)
         if loss is None:
