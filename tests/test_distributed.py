@@ -114,13 +114,16 @@ def _state_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def _guard_run(model: torch.nn.Module, rank: int, plant_nan_at: int | None) -> dict[str, Any]:
+def _guard_run(model: torch.nn.Module, rank: int, plant_nan_at: int | None,
+               fused: bool = False) -> dict[str, Any]:
     """Six guarded SGD steps with ZClip; returns per-step outcomes, collective counts, digests.
 
     The Guard measures the update/weight ratio at step 0 (``measure_updates="auto"``)."""
     import gradguard as gg
+    from gradguard.testing import count_host_syncs
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.01, fused=True) if fused
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     guard = gg.Guard(model, clip=gg.ZClip(warmup=2), flush_every=50)
     steps = []
     for step in range(6):
@@ -133,11 +136,11 @@ def _guard_run(model: torch.nn.Module, rank: int, plant_nan_at: int | None) -> d
             g = next(iter(model.parameters())).grad
             (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = math.nan
         before = _state_digest({k: v for k, v in model.state_dict().items()})
-        with _CollectiveCounter() as cc:
+        with _CollectiveCounter() as cc, count_host_syncs() as hs:
             out = guard.step(opt, loss=loss)
         after = _state_digest({k: v for k, v in model.state_dict().items()})
         steps.append({"norm": float(out.global_norm), "skipped": bool(out.skipped),
-                      "clipped": bool(out.clipped), "collectives": cc.ops,
+                      "clipped": bool(out.clipped), "collectives": cc.ops, "syncs": hs.count,
                       "params_changed": before != after})
     guard.flush()
     return {
@@ -224,6 +227,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     if has_guard:
         res["guard_ddp"] = _guard_run(DDP(_mlp()), rank, plant_nan_at=None)
         res["guard_ddp_nan"] = _guard_run(DDP(_mlp()), rank, plant_nan_at=3)
+        res["guard_ddp_fused_nan"] = _guard_run(DDP(_mlp()), rank, plant_nan_at=3, fused=True)
         fs2 = _mlp()
         for layer in (fs2[0], fs2[2], fs2[4]):
             fully_shard(layer, mesh=mesh)
@@ -313,7 +317,10 @@ def _needs_guard(runs: list[dict[str, Any]]) -> None:
         pytest.skip("gradguard.Guard is not available on this branch yet")
 
 
-@pytest.mark.parametrize("setup", ["guard_ddp", "guard_ddp_nan", "guard_fsdp_nan"])
+GUARD_RUNS = ["guard_ddp", "guard_ddp_nan", "guard_ddp_fused_nan", "guard_fsdp_nan"]
+
+
+@pytest.mark.parametrize("setup", GUARD_RUNS)
 def test_guard_state_identical_across_ranks(runs: list[dict[str, Any]], setup: str) -> None:
     _needs_guard(runs)
     a, b = runs[0][setup], runs[1][setup]
@@ -324,7 +331,7 @@ def test_guard_state_identical_across_ranks(runs: list[dict[str, Any]], setup: s
         assert (sa["skipped"], sa["clipped"]) == (sb["skipped"], sb["clipped"])
 
 
-@pytest.mark.parametrize("setup", ["guard_ddp", "guard_ddp_nan", "guard_fsdp_nan"])
+@pytest.mark.parametrize("setup", GUARD_RUNS)
 def test_guard_one_all_reduce_per_step(runs: list[dict[str, Any]], setup: str) -> None:
     _needs_guard(runs)
     one = ["c10d.allreduce_.default"]
@@ -350,7 +357,7 @@ def test_guard_fsdp2_matches_ddp(runs: list[dict[str, Any]]) -> None:
         assert all(0 < x < 1 for x in ddp["update_ratio_step0"])
 
 
-@pytest.mark.parametrize("setup", ["guard_ddp_nan", "guard_fsdp_nan"])
+@pytest.mark.parametrize("setup", ["guard_ddp_nan", "guard_ddp_fused_nan", "guard_fsdp_nan"])
 def test_guard_nan_on_one_rank_skips_on_all(runs: list[dict[str, Any]], setup: str) -> None:
     _needs_guard(runs)
     for res in runs:
@@ -358,3 +365,11 @@ def test_guard_nan_on_one_rank_skips_on_all(runs: list[dict[str, Any]], setup: s
         assert [s["skipped"] for s in steps] == [False, False, False, True, False, False]
         assert not steps[3]["params_changed"]
         assert all(s["params_changed"] for i, s in enumerate(steps) if i != 3)
+
+
+def test_guard_fused_optimizer_skips_without_a_host_sync(runs: list[dict[str, Any]]) -> None:
+    """Fused AdamW takes the reduced skip flag as found_inf: zero host reads, one all-reduce."""
+    _needs_guard(runs)
+    for res in runs:
+        assert [s["syncs"] for s in res["guard_ddp_fused_nan"]["steps"]] == [0] * 6
+        assert all(s["syncs"] == 1 for s in res["guard_ddp"]["steps"])  # plain SGD: one read
