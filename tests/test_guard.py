@@ -492,3 +492,18 @@ def test_public_flush_updates_counters_on_the_zero_sync_path():
     assert guard.total_nonfinite == 0  # not read yet: no sync on this path
     guard.flush()
     assert (guard.total_nonfinite, guard.consecutive_nonfinite, guard.last_nonfinite_step) == (1, 1, 0)
+
+
+def test_flush_log_names_the_first_nonfinite_layer(caplog):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, flush_every=2)
+    for t in range(2):
+        loss_of(model, t).backward()
+        if t == 1:
+            model[2].bias.grad[0] = math.inf
+            model[4].weight.grad[0, 0] = math.nan
+        with caplog.at_level("WARNING", logger="gradguard.guard"):
+            guard.step(opt)
+        opt.zero_grad()
+    assert "1 of 2 steps skipped" in caplog.text and "at step 1: 2.bias" in caplog.text

@@ -275,7 +275,9 @@ class Guard:
         self._history = History(list(plan.names))
         self._false = torch.zeros((), dtype=torch.bool, device=plan.device)
         self._inf = torch.full((), math.inf, dtype=plan.norm_dtype, device=plan.device)
+        self._nan = torch.full((), math.nan, dtype=plan.norm_dtype, device=plan.device)
         self._checked_optimizers: set[int] = set()
+        self._consts: dict[float, Tensor] = {}
         self._found_inf_ok: set[int] = set()
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
@@ -380,6 +382,17 @@ class Guard:
             total = total + f.to(total.device)
         return total
 
+    def _const(self, value: float) -> Tensor:
+        """A cached device scalar: building one from a Python float each step would be a
+        host-to-device copy, which CUDA performs synchronously."""
+        t = self._consts.get(value)
+        if t is None:
+            if len(self._consts) > 64:
+                self._consts.clear()
+            t = self._consts[value] = torch.full((), value, dtype=self._plan.norm_dtype,
+                                                 device=self._plan.device)
+        return t
+
     def _loss_tensor(self, loss: Any) -> Tensor | None:
         if loss is None:
             return None
@@ -451,7 +464,8 @@ class Guard:
                 through their ``found_inf`` tensor, with no host sync.
             scaler: a ``torch.amp.GradScaler``, or None.
             loss: this step's loss (a scalar tensor or number), recorded in the history and fed
-                to the spike detector. Optional.
+                to the spike detector. Optional. Prefer the tensor: a Python number costs a
+                host-to-device copy on a GPU.
             defer_step (keyword-only): for frameworks that call ``optimizer.step()`` themselves
                 (Lightning, the Hugging Face Trainer; see :mod:`gradguard.integrations`): measure,
                 clip, decide and record, but do not step. A skipped step is cancelled by setting
@@ -549,8 +563,8 @@ class Guard:
 
         self._buffer.record(
             step_idx, global_norm=stats.global_norm, per_tensor_norm=stats.per_tensor_norm,
-            loss=loss_t, threshold=threshold, clipped=clipped, skipped=skip, lr_scale=lr_scale,
-            update_ratio=ratio,
+            loss=loss_t if loss_t is not None else self._nan, threshold=threshold,
+            clipped=clipped, skipped=skip, lr_scale=self._const(lr_scale), update_ratio=ratio,
         )
         self._observed.append(per_step_sync)
         self._step += 1
@@ -712,9 +726,14 @@ class Guard:
         call_sinks(self.sinks, chunk)
         n_skip = sum(chunk.skipped)
         if n_skip:
-            bad = [s for s, g in zip(chunk.step, chunk.global_norm) if not math.isfinite(g)]
-            log.warning("gradguard: %d of %d steps skipped (%d with non-finite gradients) in steps %d..%d",
-                        n_skip, len(chunk), len(bad), chunk.step[0], chunk.step[-1])
+            bad = [i for i, g in enumerate(chunk.global_norm) if not math.isfinite(g)]
+            culprit = ""
+            if bad:  # the per-tensor norms of the same pass name the culprit, in module order
+                row = chunk.layer_norm[bad[0]]
+                first = next((n for n, v in zip(chunk.names, row) if not math.isfinite(v)), None)
+                culprit = f"; first non-finite layer at step {chunk.step[bad[0]]}: {first}"
+            log.warning("gradguard: %d of %d steps skipped (%d with non-finite gradients) in steps %d..%d%s",
+                        n_skip, len(chunk), len(bad), chunk.step[0], chunk.step[-1], culprit)
         if process:
             # Rows from the zero-sync path reach the host counters only now.
             for i, seen in enumerate(observed):
