@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_positive
 from gradguard._plan import ParamPlan
+from gradguard.distributed import has_dtensor, sharded_update_ratio, step_stats
 from gradguard.history import History, HistoryBuffer
 from gradguard.policies import ClipPolicy, FixedClip
 from gradguard.sinks import call_sinks
 from gradguard.spike import SpikePolicy
-from gradguard.distributed import has_dtensor, sharded_update_ratio, step_stats
 from gradguard.stats import use_foreach
 
 __all__ = ["Guard", "GuardError", "StepOutcome"]
