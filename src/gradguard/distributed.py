@@ -269,30 +269,31 @@ def reduce_grad_stats(
     f64 = torch.float64
     norms = tensor_norms(local, p, foreach)
     zero = torch.zeros((), dtype=f64, device=device)
-    raw = torch.stack([zero if n is None else n.to(device=device, dtype=f64) for n in norms]) \
-        if norms else torch.zeros(0, dtype=f64, device=device)
+    if norms and all(n is not None and n.device == device for n in norms):
+        raw = torch.stack(norms).to(f64)  # type: ignore[arg-type]  # the common case: one stack
+    else:
+        raw = torch.stack([zero if n is None else n.to(device=device, dtype=f64) for n in norms]) \
+            if norms else torch.zeros(0, dtype=f64, device=device)
     is_inf_norm = p == math.inf
     partial = raw if is_inf_norm or p == 1.0 else (raw.square() if p == 2.0 else raw.pow(p))
     nonfinite_local = (~torch.isfinite(partial)).sum(dtype=f64).reshape(1)
-    partial = partial * _mask(counts, device)  # 0 * NaN = NaN: a bad value on a non-counting replica still shows
+    # 0 * NaN = NaN: a bad value on a replica that does not count still reaches every rank.
+    partial = partial * _mask(counts, device)
     if is_inf_norm:
         # MAX may drop NaN on some backends; +inf survives it and the count carries the flag.
         partial = torch.nan_to_num(partial, nan=math.inf)
     pieces = [partial, nonfinite_local]
-    n_extras = 0
     if extras is not None:
-        ex = extras.detach().reshape(-1).to(device=device, dtype=f64)
-        n_extras = ex.numel()
-        pieces.append(ex)
+        pieces.append(extras.detach().reshape(-1).to(device=device, dtype=f64))
     buf = torch.cat(pieces)
     op = dist.ReduceOp.MAX if is_inf_norm else dist.ReduceOp.SUM
     dist.all_reduce(buf, op=op, group=group)  # the one collective of the step
 
     n = len(grads)
     red_partial, red_nonfinite = buf[:n], buf[n]
-    reduced_extras = buf[n + 1:] if extras is not None else None
-    if reduced_extras is not None and extras is not None and extras.dim() == 0 and n_extras == 1:
-        reduced_extras = reduced_extras.reshape(())
+    reduced_extras = None
+    if extras is not None:
+        reduced_extras = buf[n + 1:].reshape(extras.shape)
     if is_inf_norm:
         per_tensor64 = red_partial
         total64 = red_partial.max() if n else zero
@@ -300,7 +301,8 @@ def reduce_grad_stats(
         root = (lambda x: x) if p == 1.0 else (torch.sqrt if p == 2.0 else (lambda x: x.pow(1.0 / p)))
         per_tensor64 = root(red_partial)
         first = _first_occurrences(grads)
-        total64 = root(red_partial.sum() if all(first) else (red_partial * _mask(first, device)).sum())
+        duplicated = any(g is not None and not f for g, f in zip(grads, first))
+        total64 = root((red_partial * _mask(first, device)).sum() if duplicated else red_partial.sum())
     nonfinite = (red_nonfinite > 0) | ~torch.isfinite(total64)
     stats = GradStats(total64.to(out_dtype), per_tensor64.to(out_dtype), nonfinite, p)
     return stats, reduced_extras
