@@ -47,7 +47,6 @@ in checkpoints under :attr:`GradGuardCallback.state_key` and restored on resume.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,7 +59,6 @@ Callback = _L.Callback
 
 __all__ = ["GradGuardCallback"]
 
-log = logging.getLogger(__name__)
 
 
 class _TrainerLoggers:
