@@ -38,11 +38,12 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_positive
 from gradguard._plan import ParamPlan
+from gradguard.distributed import has_dtensor, sharded_update_ratio, step_stats
 from gradguard.history import History, HistoryBuffer
 from gradguard.policies import ClipPolicy, FixedClip
 from gradguard.sinks import call_sinks
 from gradguard.spike import SpikePolicy
-from gradguard.stats import compute_stats, use_foreach
+from gradguard.stats import use_foreach
 
 __all__ = ["Guard", "GuardError", "StepOutcome"]
 
@@ -154,6 +155,10 @@ class Guard:
         history_rows: flushed rows kept in :attr:`history` (the oldest are dropped; sinks keep
             everything). Default: 2000.
         foreach: use the foreach kernels (None: where supported, as ``torch.nn.utils``).
+        process_group: under ``torch.distributed`` with more than one rank, the group over which
+            the statistics and the loss are reduced, in one packed all-reduce per step, so that
+            every rank takes the same decisions (:mod:`gradguard.distributed`). None: the default
+            group. Single-process runs are unaffected.
 
     Example:
         >>> import torch, gradguard as gg
@@ -190,6 +195,7 @@ class Guard:
         *,
         history_rows: int = 2_000,
         foreach: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         self._plan = ParamPlan.from_module(model)
         self.model = model
@@ -255,6 +261,7 @@ class Guard:
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"`foreach` must be None or a bool, got {foreach!r}.")
         self.foreach = foreach
+        self.process_group = process_group
 
         plan = self._plan
         if self.clip is not None:
@@ -412,12 +419,19 @@ class Guard:
                 for g in group:
                     g.zero_()
 
+    def _drop_grads(self) -> None:
+        for p in self._plan.params:
+            p.grad = None
+
     def _param_copy(self) -> list[Tensor]:
         return [p.detach().clone() for p in self._plan.params]
 
     def _update_ratio(self, before: list[Tensor]) -> Tensor:
         """Per-tensor ``||w_after - w_before|| / ||w_after||`` (NaN where the weight norm is 0)."""
         plan = self._plan
+        if has_dtensor(plan.params):  # sharded weights: the two norms need one all-reduce
+            return sharded_update_ratio(plan.params, before, self.process_group).to(
+                plan.device, plan.norm_dtype)
         out: list[Tensor | None] = [None] * len(plan)
         for (dev, dt), idx in plan.groups.items():
             after = [plan.params[i].detach() for i in idx]
@@ -436,7 +450,7 @@ class Guard:
 
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer, scaler: Any | None = None,
-             loss: Tensor | float | None = None) -> StepOutcome:
+             loss: Tensor | float | None = None, *, defer_step: bool = False) -> StepOutcome:
         """Check, clip and apply one optimizer step (or skip it); record one history row.
 
         Call it once per optimizer step, after ``backward()`` (after the last micro-batch under
@@ -452,6 +466,12 @@ class Guard:
             loss: this step's loss (a scalar tensor or number), recorded in the history and fed
                 to the spike detector. Optional. Prefer the tensor: a Python number costs a
                 host-to-device copy on a GPU.
+            defer_step (keyword-only): for frameworks that call ``optimizer.step()`` themselves
+                (Lightning, the Hugging Face Trainer; see :mod:`gradguard.integrations`): measure,
+                clip, decide and record, but do not step. A skipped step is cancelled by setting
+                every gradient to None, which torch's optimizers treat as "leave this parameter
+                and its state alone", so the framework's coming ``step()`` is a no-op. Costs the
+                one host read per step; no scheduler, no update ratio, no LR back-off here.
 
         Returns:
             StepOutcome: ``global_norm``, ``clipped``, ``skipped``, ``threshold`` (device tensors).
@@ -462,7 +482,13 @@ class Guard:
         """
         self._check_optimizer(optimizer)
         self._last_optimizer, self._last_scaler = optimizer, scaler
-        fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        if defer_step and (self.scheduler is not None or scaler is not None):
+            raise ValueError(
+                "`defer_step=True` leaves the optimizer step to the caller, so the Guard cannot "
+                "step a scheduler or a GradScaler after it; pass scaler=None (unscale_ first) and "
+                "build the Guard with scheduler=None."
+            )
+        fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not defer_step
         per_step_sync = self._needs_host_each_step(optimizer, fused)
         spike_policy = self.spike
         if spike_policy is not None and spike_policy.rollback and not self._snapshots:
@@ -471,12 +497,13 @@ class Guard:
         found_inf = self._unscale(optimizer, scaler)
         plan = self._plan
         grads = plan.grads()
-        stats = compute_stats(grads, self._norm_type, self.foreach)
+        # One pass; across ranks, one packed all-reduce (norms, flag, mean loss agree everywhere).
+        stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
+                                   self.process_group, self.foreach)
         dev = stats.global_norm.device
         nonfinite = stats.nonfinite
         if found_inf is not None:
             nonfinite = nonfinite | (found_inf.to(dev) > 0)
-        loss_t = self._loss_tensor(loss)
 
         spike = self._false
         if spike_policy is not None and spike_policy.detecting:
@@ -503,7 +530,9 @@ class Guard:
             # the spike ladder's decision rides on the same read.
             skip_h, nonfinite_h, spike_h = (bool(v) for v in torch.stack([skip, nonfinite, spike]).tolist())
             if skip_h:
-                self._zero_grads()
+                self._drop_grads() if defer_step else self._zero_grads()
+            elif defer_step:
+                pass  # the caller's framework steps next
             else:
                 before = self._param_copy() if measure else None
                 self._optimizer_step(optimizer, lr_scale)
