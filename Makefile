@@ -36,9 +36,11 @@ test: venv browser
 
 bench: venv
 	$(PY) benchmarks/bench_clip.py
+	$(PY) benchmarks/bench_guard.py
 
 bench-quick: venv
 	$(PY) benchmarks/bench_clip.py --quick
+	$(PY) benchmarks/bench_guard.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -12,7 +12,7 @@ from gradguard.clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
-from gradguard.guard import Guard, StepOutcome
+from gradguard.guard import Guard, GuardError, StepOutcome
 from gradguard.history import History
 from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
 from gradguard.sinks import CSVSink, JSONLSink, TensorBoardSink
@@ -28,6 +28,7 @@ __all__ = [
     "FixedClip",
     "GradStats",
     "Guard",
+    "GuardError",
     "History",
     "JSONLSink",
     "SpikePolicy",

@@ -216,11 +216,10 @@ class HistoryBuffer:
         dev, dt = buf.device, buf.dtype
 
         def col(v: Tensor | float | bool | None) -> Tensor:
-            if v is None:
-                return torch.tensor(math.nan, dtype=dt, device=dev)
             if isinstance(v, Tensor):
                 return v.detach().reshape(()).to(device=dev, dtype=dt)
-            return torch.tensor(float(v), dtype=dt, device=dev)
+            # torch.full is a fill kernel on the device: no host-to-device copy per step.
+            return torch.full((), math.nan if v is None else float(v), dtype=dt, device=dev)
 
         scalars = torch.stack([col(loss), col(global_norm), col(threshold), col(clipped),
                                col(skipped), col(lr_scale)])
