@@ -130,12 +130,13 @@ def agc_unit_norms(t: torch.Tensor) -> list[float]:
 def agc(param: torch.Tensor, grad: torch.Tensor, clipping: float, eps: float = 1e-3) -> torch.Tensor:
     """Unit-wise adaptive clipping (Brock et al. 2021, timm's formula) of one gradient, float64.
 
-    For each unit u: m = clipping * max(|W_u|, eps); if |G_u| >= m, G_u <- G_u * m / max(|G_u|, 1e-6).
+    For each unit u: m = clipping * max(|W_u|, eps); G_u is kept if |G_u| < m, else
+    G_u <- G_u * m / max(|G_u|, 1e-6). A NaN unit norm is not "< m", so the unit becomes NaN.
     """
     out: list[float] = []
     for w_u, g_u in zip(_units(param), _units(grad)):
         m = clipping * max(p_norm(w_u, 2.0), eps)
         g = p_norm(g_u, 2.0)
-        scale = m / max(g, 1e-6) if g >= m else 1.0
+        scale = 1.0 if g < m else m / (g if g > 1e-6 or math.isnan(g) else 1e-6)
         out.extend(x * scale for x in g_u)
     return torch.tensor(out, dtype=torch.float64).reshape(grad.shape)

@@ -16,13 +16,22 @@ torch's names, argument order, defaults and return values. Deliberate deviations
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from gradguard._checks import as_tensor_list, check_norm_type, check_positive
-from gradguard.stats import acc_dtype, compute_stats, group_by_device_dtype, use_foreach
+from gradguard._checks import _EMPTY_GENERATOR, as_tensor_list, check_norm_type, check_positive
+from gradguard.stats import (
+    Group,
+    _norm_out_dtype,
+    acc_dtype,
+    group_norms,
+    group_tensors,
+    reduce_groups,
+)
 
 __all__ = [
     "adaptive_clip_grad_",
@@ -71,17 +80,30 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
 
     The multiply happens even when ``coef == 1``: testing ``coef < 1`` first would be a host sync.
     """
+    present = [t for t in tensors if t is not None]
+    if present:
+        _scale_groups_(group_tensors(present, foreach), coef)
+
+
+def _scale_groups_(groups: Sequence[Group], coef: Tensor) -> None:
     coefs: dict[torch.device, Tensor] = {}
-    for (device, _), idx in group_by_device_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
-        c = coefs.get(device)
+    for group in groups:
+        c = coefs.get(group.device)
         if c is None:
-            c = coefs[device] = coef.to(device)
-        if use_foreach(group, device, foreach):
-            torch._foreach_mul_(group, c)
+            c = coefs[group.device] = coef.to(group.device)
+        if group.foreach:
+            torch._foreach_mul_(group.tensors, c)
         else:
-            for g in group:
+            for g in group.tensors:
                 g.mul_(c)
+
+
+def _total_norm(grads: list[Tensor], p: float, foreach: bool | None) -> tuple[Tensor, list[Group]]:
+    """The global norm of ``grads`` (non-empty, no None) and the groups, for a scale pass."""
+    groups = group_tensors(grads, foreach)
+    norms = [group_norms(g, p) for g in groups]
+    total, _ = reduce_groups(groups, norms, len(grads), p, grads[0].device)
+    return total, groups
 
 
 @torch.no_grad()
@@ -104,10 +126,10 @@ def get_total_norm(
         Tensor: the total norm, in ``max(float32, dtype)``; ``tensor(0.)`` for no tensors.
     """
     p = check_norm_type(norm_type)
-    ts = as_tensor_list(tensors, "tensors")
+    ts = as_tensor_list(tensors, "tensors", warning=None)  # torch warns only in clip_grad_norm_
     if not ts:
         return torch.tensor(0.0)
-    total = compute_stats(ts, p, foreach).global_norm
+    total, _ = _total_norm(ts, p, foreach)
     if error_if_nonfinite:
         raise_if_nonfinite(total, p)
     return total
@@ -140,7 +162,7 @@ def clip_grads_with_norm_(
         raise TypeError(
             f"`total_norm` must be a Tensor (e.g. from get_total_norm), got {type(total_norm).__name__}."
         )
-    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    grads = [g for t in as_tensor_list(parameters, warning=None) if (g := t.grad) is not None]
     if grads:
         scale_(grads, clip_coef(total_norm, max_norm, eps), foreach)
 
@@ -186,13 +208,14 @@ def clip_grad_norm_(
     max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
     p = check_norm_type(norm_type)
     eps = _check_eps(eps)
-    grads = [t.grad for t in as_tensor_list(parameters) if t.grad is not None]
+    grads = [g for t in as_tensor_list(parameters, stacklevel=4) if (g := t.grad) is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = compute_stats(grads, p, foreach).global_norm
+    # One grouping serves both passes (torch groups twice); the norm pass is grad_stats'.
+    total, groups = _total_norm(grads, p, foreach)
     if error_if_nonfinite:
         raise_if_nonfinite(total, p)
-    scale_(grads, clip_coef(total, max_norm, eps), foreach)
+    _scale_groups_(groups, clip_coef(total, max_norm, eps))
     return total
 
 
@@ -214,22 +237,31 @@ def clip_grad_value_(
     v = check_positive(
         "clip_value", clip_value, "Pass the largest allowed absolute gradient value, e.g. clip_value=1.0."
     )
-    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
-    for (device, _), idx in group_by_device_dtype(grads).items():
-        group = [grads[i] for i in idx]
-        if use_foreach(group, device, foreach):
-            torch._foreach_clamp_min_(group, -v)
-            torch._foreach_clamp_max_(group, v)
+    grads = [g for t in as_tensor_list(parameters, warning=None) if (g := t.grad) is not None]
+    if not grads:
+        return
+    for group in group_tensors(grads, foreach):
+        if group.foreach:
+            torch._foreach_clamp_min_(group.tensors, -v)
+            torch._foreach_clamp_max_(group.tensors, v)
         else:
-            for g in group:
+            for g in group.tensors:
                 g.clamp_(-v, v)
 
 
-def _unit_norm(t: Tensor, acc: torch.dtype) -> Tensor:
-    """L2 norm per output unit in torch layout: over every dim but dim 0; whole tensor for <= 1-D."""
+def _unit_norm(t: Tensor) -> Tensor:
+    """L2 norm per output unit in torch layout: over every dim but dim 0; whole tensor for <= 1-D.
+
+    In ``acc_dtype(t.dtype)``; the kernel's own dtype where that is exact and fast (see
+    ``stats._norm_out_dtype``).
+    """
+    out = _norm_out_dtype(t.device, t.dtype)
     if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, 2, dtype=acc)
-    return torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=acc)
+        n = torch.linalg.vector_norm(t, 2, dtype=out)
+    else:
+        n = torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=out)
+    acc = acc_dtype(t.dtype)
+    return n if n.dtype == acc else n.to(acc)
 
 
 @torch.no_grad()
@@ -265,8 +297,16 @@ def adaptive_clip_grad_(
     """
     clipping = check_positive("clipping", clipping, "AGC's lambda is typically 0.01 to 0.16.")
     eps = check_positive("eps", eps, "AGC's weight-norm floor is typically 1e-3.")
-    items = list(parameters) if not isinstance(parameters, Tensor) else [parameters]
-    named = bool(items) and isinstance(items[0], tuple)
+    if isinstance(parameters, Tensor):
+        items: list = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        items = list(parameters)
+        if is_generator and not items:
+            warnings.warn(_EMPTY_GENERATOR, stacklevel=3)
+    named = bool(items) and all(
+        isinstance(it, tuple) and len(it) == 2 and isinstance(it[0], str) for it in items
+    )
     if named:
         names = [n for n, _ in items]
         params = as_tensor_list([p for _, p in items])
@@ -295,8 +335,8 @@ def adaptive_clip_grad_(
         g = p.grad
         if g is None or id(p) in skip_ids:
             continue
-        acc = acc_dtype(g.dtype)
-        max_norm = _unit_norm(p.detach(), acc).clamp_min_(eps).mul_(clipping)
-        g_norm = _unit_norm(g, acc)
-        factor = torch.where(g_norm >= max_norm, max_norm / g_norm.clamp_min(1e-6), 1.0)
+        max_norm = _unit_norm(p.detach()).clamp_min_(eps).mul_(clipping)
+        g_norm = _unit_norm(g)
+        # timm's and optax's test, g < m keeps: a NaN unit norm scales (the unit becomes NaN).
+        factor = torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp_min(1e-6))
         g.mul_(factor)
