@@ -20,6 +20,7 @@ __all__ = [
     "as_tensor_list",
     "check_choice",
     "check_int",
+    "check_iterable",
     "check_norm_type",
     "check_positive",
     "check_probability",
@@ -44,11 +45,7 @@ def as_tensor_list(
     """
     if isinstance(parameters, torch.Tensor):
         return [parameters]
-    if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
-        raise TypeError(
-            f"`{name}` must be a Tensor or an iterable of Tensors (e.g. model.parameters()), "
-            f"got {type(parameters).__name__}: {parameters!r:.80}."
-        )
+    check_iterable(parameters, name)
     is_generator = isinstance(parameters, types.GeneratorType)
     tensors = list(parameters)
     if is_generator and not tensors and warning is not None:
@@ -66,6 +63,15 @@ def as_tensor_list(
                     f"`{name}`[{i}] must be a Tensor, got {type(t).__name__}: {t!r:.60}.{hint}"
                 )
     return tensors
+
+
+def check_iterable(parameters: Any, name: str = "parameters") -> None:
+    """``parameters`` must be an iterable (and not a string): raise ``TypeError`` naming it."""
+    if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"`{name}` must be a Tensor or an iterable of Tensors (e.g. model.parameters()), "
+            f"got {type(parameters).__name__}: {parameters!r:.80}."
+        )
 
 
 def _as_float(name: str, value: Any) -> float:

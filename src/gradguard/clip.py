@@ -23,7 +23,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from gradguard._checks import _EMPTY_GENERATOR, as_tensor_list, check_norm_type, check_positive
+from gradguard._checks import (
+    _EMPTY_GENERATOR,
+    as_tensor_list,
+    check_iterable,
+    check_norm_type,
+    check_positive,
+)
 from gradguard.stats import (
     Group,
     _norm_out_dtype,
@@ -300,6 +306,7 @@ def adaptive_clip_grad_(
     if isinstance(parameters, Tensor):
         items: list = [parameters]
     else:
+        check_iterable(parameters)
         is_generator = isinstance(parameters, types.GeneratorType)
         items = list(parameters)
         if is_generator and not items:
