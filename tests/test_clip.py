@@ -768,3 +768,21 @@ def test_clip_grads_with_norm_eps_zero_and_max_norm_inf():
     ps = params_with_grads(torch.tensor([3.0, 4.0]))
     assert float(gg.clip_grad_norm_(ps, INF)) == 5.0  # measures only
     assert ps[0].grad.tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 2**-7), (torch.float16, 2e-3), (torch.float64, 1e-12)])
+def test_agc_low_precision_matches_reference(dtype, rtol):
+    """Matrices unit-wise and vectors in one foreach batch, in every dtype."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(6, 4), (5,), (), (3, 2, 2), (7,)]
+    ws = [(torch.randn(s, generator=gen) * 0.5).to(dtype) for s in shapes]
+    gs = [(torch.randn(s, generator=gen) * 10).to(dtype) for s in shapes]
+    gs[1] = gs[1] * 1e-4  # one vector below its threshold: untouched
+    ps = params_with_grads(*gs)
+    for q, w in zip(ps, ws):
+        q.data.copy_(w)
+    gg.adaptive_clip_grad_(ps, 0.05)
+    for q, w, g in zip(ps, ws, gs):
+        assert q.grad.dtype == dtype
+        torch.testing.assert_close(q.grad.double(), ref.agc(w, g, 0.05), rtol=rtol, atol=0)
+    assert_same(ps[1].grad, gs[1])

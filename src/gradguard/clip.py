@@ -33,10 +33,12 @@ from gradguard._checks import (
 from gradguard.stats import (
     Group,
     _norm_out_dtype,
+    _widen,
     acc_dtype,
     group_norms,
     group_tensors,
     reduce_groups,
+    use_foreach,
 )
 
 __all__ = [
@@ -338,12 +340,43 @@ def adaptive_clip_grad_(
             skip_ids.add(id(e))
         else:
             raise TypeError(f"`exclude` entries must be Tensors or names, got {type(e).__name__}.")
+    # Whole-tensor units (biases, norm gains, scalars) go through the foreach kernels in one
+    # batch per (device, dtypes); matrices and kernels are clipped one by one, unit-wise.
+    vectors: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for p in params:
         g = p.grad
         if g is None or id(p) in skip_ids:
             continue
-        max_norm = _unit_norm(p.detach()).clamp_min_(eps).mul_(clipping)
-        g_norm = _unit_norm(g)
-        # timm's and optax's test, g < m keeps: a NaN unit norm scales (the unit becomes NaN).
-        factor = torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp_min(1e-6))
-        g.mul_(factor)
+        w = p.detach()
+        if g.ndim <= 1:
+            ws, gs = vectors.setdefault((g.device, g.dtype, w.dtype), ([], []))
+            ws.append(w)
+            gs.append(g)
+        else:
+            _agc_tensor_(w, g, clipping, eps)
+    for (device, g_dtype, w_dtype), (ws, gs) in vectors.items():
+        if use_foreach(gs, device, None) and use_foreach(ws, device, None):
+            w_norm = _widen(torch.stack(torch._foreach_norm(ws, 2, dtype=_norm_out_dtype(device, w_dtype))))
+            g_norm = _widen(torch.stack(torch._foreach_norm(gs, 2, dtype=_norm_out_dtype(device, g_dtype))))
+            torch._foreach_mul_(gs, list(_agc_factor(w_norm, g_norm, clipping, eps).unbind(0)))
+        else:
+            for w, g in zip(ws, gs):
+                _agc_tensor_(w, g, clipping, eps)
+
+
+def _agc_factor(w_norm: Tensor, g_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """Per-unit multiplier: 1 where |G_u| < m_u = clipping * max(|W_u|, eps), else m_u / |G_u|.
+
+    timm's and optax's test (``g < m`` keeps), so a NaN unit norm scales: the unit becomes NaN.
+    """
+    max_norm = w_norm.clamp_min(eps).mul_(clipping)
+    return torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp_min(1e-6))
+
+
+def _agc_tensor_(w: Tensor, g: Tensor, clipping: float, eps: float) -> None:
+    factor = _agc_factor(_unit_norm(w), _unit_norm(g), clipping, eps)
+    if factor.ndim and g.dtype == torch.bfloat16 and g.device.type == "cpu":
+        # A broadcast multiply across dtypes leaves the CPU's vectorised path (measured 26x
+        # slower for bf16); bf16 shares float32's range, so the cast cannot underflow.
+        factor = factor.to(g.dtype)
+    g.mul_(factor)
