@@ -91,11 +91,16 @@ def test_agc_eps(value):
     expect(ValueError, "eps", value, gg.adaptive_clip_grad_, 0.01, value)
 
 
-@pytest.mark.parametrize("value", [-1e-6, NAN, INF, -INF, "0", True])
+@pytest.mark.parametrize("value", [-1e-6, NAN, INF, -INF])
 def test_clip_eps(value):
     msg = expect(ValueError, "eps", value, gg.clip_grad_norm_, 1.0, eps=value)
     assert "1e-6" in msg and "0 for optax" in msg
     expect(ValueError, "eps", value, gg.clip_grads_with_norm_, 1.0, torch.tensor(5.0), eps=value)
+
+
+@pytest.mark.parametrize("value", ["0", True, None])
+def test_clip_eps_wrong_type(value):
+    expect(TypeError, "eps", value, gg.clip_grad_norm_, 1.0, eps=value)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, -2.0, NAN, "nan", "-1"])

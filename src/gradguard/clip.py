@@ -7,10 +7,21 @@ torch's names, argument order, defaults and return values. Deliberate deviations
   torch accepts ``max_norm=-1`` and silently flips the gradients' sign (pytorch/pytorch#31367).
 * **Accumulation dtype.** Norms of fp16/bf16 gradients are accumulated and returned in float32, so
   a total above 65504 is the true value, not torch's fp16 ``inf`` that then zeroes the gradients.
-  float32 and float64 gradients use torch's exact kernels and give bit-identical results.
+  (On CPU, bf16 per-tensor norms come from torch's own bf16 kernel, which accumulates in float32
+  but rounds each tensor's norm to bf16: see ``stats._norm_out_dtype``.) float32 and float64
+  gradients use torch's exact kernels, in torch's grouping order, and give bit-identical
+  results, mixed float32/float64 lists included.
 * **eps.** Keyword-only ``eps`` (default ``1e-6``, torch's) sets the coefficient
   ``max_norm / (norm + eps)``; ``eps=0`` selects the optax/TensorFlow convention: gradients
-  below ``max_norm`` are left alone and larger ones are scaled by exactly ``max_norm / norm``.
+  below ``max_norm`` are left alone and larger ones are scaled by exactly ``max_norm / norm``
+  (then clipping twice equals clipping once up to a few ulps, not bit for bit: the norm after
+  one clip is ``max_norm`` only up to rounding).
+* **No gradients.** ``clip_grad_value_`` on parameters without gradients does nothing (torch
+  2.13 raises a RuntimeError from its grouping).
+
+A non-finite total with ``error_if_nonfinite=False`` corrupts the gradients as torch does
+(NaN stays NaN; an Inf total multiplies by 0, so Inf becomes NaN and finite entries 0; TensorFlow
+makes every entry NaN instead). :class:`gradguard.Guard` skips such steps.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from torch import Tensor
 
 from gradguard._checks import (
     _EMPTY_GENERATOR,
+    _as_float,
     as_tensor_list,
     check_iterable,
     check_norm_type,
@@ -53,12 +65,13 @@ _MAX_NORM_FIX = "Pass the largest allowed gradient norm, e.g. max_norm=1.0 (inf 
 
 
 def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+    v = _as_float("eps", eps)
+    if not (0 <= v < math.inf):
         raise ValueError(
             f"`eps` must be a finite number >= 0, got {eps!r}. Use 1e-6 for torch's convention "
             "or 0 for optax/TensorFlow's."
         )
-    return float(eps)
+    return v
 
 
 def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
@@ -291,8 +304,10 @@ def adaptive_clip_grad_(
         G_u \leftarrow G_u \cdot \frac{m_u}{\max(\lVert G_u \rVert_2, 10^{-6})}
         \quad \text{if } \lVert G_u \rVert_2 \ge m_u
 
-    This is timm's ``adaptive_clip_grad`` formula (optax keeps at strict ``<``; the two agree
-    except at equality). The paper advises leaving the classifier head out: pass its parameters
+    This is timm's ``adaptive_clip_grad`` formula and optax's test (a unit is kept while
+    ``|G_u| < m_u``), so a unit whose norm is NaN becomes NaN, as in both. Whole-tensor units
+    (biases, gains) are clipped in one foreach batch; on CPU, bf16 matrices are multiplied by
+    their per-unit factors rounded to bf16 (a float32 broadcast multiply is ~26x slower there). The paper advises leaving the classifier head out: pass its parameters
     (or names, with ``named_parameters()``) in ``exclude``; :class:`gradguard.AGC` finds it from the
     module structure.
 
