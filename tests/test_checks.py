@@ -294,6 +294,9 @@ def test_foreach_default_falls_back_on_unsupported_device():
     assert s.global_norm.device.type == "meta" and s.per_tensor_norm.shape == (1,)
     assert gg.clip_grad_norm_(meta_params(), 1.0).device.type == "meta"
     gg.clip_grad_value_(meta_params(), 1.0)
+    w = nn.Parameter(torch.empty(4, 3, device="meta"))
+    w.grad = torch.empty(4, 3, device="meta")
+    gg.adaptive_clip_grad_(meta_params() + [w])  # vectors fall back to one tensor at a time
 
 
 # ---------------------------------------------------------------------------------------------

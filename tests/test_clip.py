@@ -682,6 +682,11 @@ def test_agc_exclude_and_named_parameters():
     gg.adaptive_clip_grad_(model.named_parameters(), 0.01, exclude=["1.weight", "1.bias"])
     assert (model[1].weight.grad == 100.0).all() and (model[1].bias.grad == 100.0).all()
     assert (model[0].bias.grad < 100.0).all()
+    for q in model.parameters():
+        q.grad = torch.full_like(q, 100.0)
+    gg.adaptive_clip_grad_(model.named_parameters(), 0.01, exclude=[head, "1.bias"])  # both kinds
+    assert (model[1].weight.grad == 100.0).all() and (model[1].bias.grad == 100.0).all()
+    assert (model[0].weight.grad < 100.0).all()
 
 
 def test_agc_nonfinite_unit_becomes_nan_as_in_timm_and_optax():
