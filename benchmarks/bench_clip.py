@@ -14,9 +14,10 @@ For each case it prints the median time of ``torch.nn.utils.clip_grad_norm_(fore
 ratio to torch's ``clip_grad_norm_``, its ratio to the memory-bandwidth floor, and the host
 syncs per call (``gradguard.testing.count_host_syncs``).
 
-Timing on a shared machine: the calls are interleaved round-robin, and the ratio to torch is the
-median over rounds of (this call's time / torch's ``clip_grad_norm_`` time in the same round), so
-that a neighbour's load, which comes and goes over seconds, slows both sides of each pair alike.
+Timing on a shared machine: every call is sandwiched between two calls of torch's
+``clip_grad_norm_`` (T f1 T f2 T ...), and its ratio to torch is the median over rounds of its
+time over the mean of those two, so that a neighbour's load, which comes and goes over a second
+or two, slows both sides of each ratio alike.
 (On the 2-core machine this was written on, an in-place multiply of 475 MiB took anywhere from
 20 to 880 ms from one call to the next, while a read-only pass stayed within 2x: writes are what
 the neighbours disturb.) The minimum over rounds is printed too.
@@ -154,24 +155,39 @@ class Row:
     floor: str  # which floor it is compared to
     syncs: int = -1
     times: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # to torch's clip_grad_norm_, paired
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
 
-    def paired_ratio(self, base: Row) -> float:
-        """Median over rounds of this time / ``base``'s time in the same round."""
-        return statistics.median(a / b for a, b in zip(self.times, base.times))
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else 1.0
 
 
-def time_round_robin(rows: list[Row], repeats: int) -> None:
-    for r in rows:
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_paired(base: Row, rows: list[Row], repeats: int) -> None:
+    """Each round runs base, then every row with a base call after it (B f1 B f2 B ...): each
+    row's ratio is its time over the mean of the two base calls around it, so that load that
+    comes and goes over a second or two hits both sides of the ratio alike."""
+    for r in (base, *rows):
         r.fn()  # warm-up
     for _ in range(repeats):
+        before = _timed(base.fn)
+        base.times.append(before)
         for r in rows:
-            t0 = time.perf_counter()
-            r.fn()
-            r.times.append(time.perf_counter() - t0)
+            t = _timed(r.fn)
+            after = _timed(base.fn)
+            r.times.append(t)
+            r.ratios.append(t / (0.5 * (before + after)))
+            base.times.append(after)
+            before = after
 
 
 def count_syncs(fn: Callable[[], object]) -> int:
@@ -205,7 +221,14 @@ def run_case(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, repea
     for r in rows:
         if not r.name.startswith("floor"):
             r.syncs = count_syncs(r.fn)
-    time_round_robin(rows, repeats)
+    calls = [r for r in rows if not r.name.startswith("floor")]
+    time_paired(calls[0], calls[1:], repeats)
+    floors_rows = [r for r in rows if r.name.startswith("floor")]
+    for r in floors_rows:
+        r.fn()  # warm-up
+    for _ in range(repeats):
+        for r in floors_rows:
+            r.times.append(_timed(r.fn))
     by = {r.name: r for r in rows}
     read = min(by["floor: flat.sum()"].median, by["floor: vector_norm(flat)"].median)
     floors = {
@@ -234,7 +257,7 @@ def render(console: Console, result: dict) -> dict[str, float]:
         if r.name.startswith("floor"):
             continue
         floor = result["floors"][r.floor]
-        ratios[r.name] = r.paired_ratio(base)
+        ratios[r.name] = r.ratio
         table.add_row(
             r.name,
             f"{r.median * 1e3:.2f}",
@@ -254,9 +277,9 @@ def render(console: Console, result: dict) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes and 3 repeats: a crash check")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 9; 3 with --quick)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 7; 3 with --quick)")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 7)
     if args.quick:
         cases = [
             ("gpt2-tiny", gpt2_shapes(vocab=500, n_ctx=64, d=32, layers=2)),
@@ -268,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=120)
     console.print(
         f"torch {torch.__version__}, gradguard {gg.__version__}, {torch.get_num_threads()} threads; "
-        f"median of {repeats} interleaved rounds; max_norm={MAX_NORM}, clip_value={CLIP_VALUE}, "
+        f"median of {repeats} rounds, each call between two of torch's; max_norm={MAX_NORM}, clip_value={CLIP_VALUE}, "
         f"AGC clipping={AGC_CLIPPING}"
     )
     summary = Table(title="targets (issue 3)", title_justify="left")
