@@ -8,7 +8,9 @@ torch's names, argument order, defaults and return values. Deliberate deviations
 * **Accumulation dtype.** Norms of fp16/bf16 gradients are accumulated and returned in float32, so
   a total above 65504 is the true value, not torch's fp16 ``inf`` that then zeroes the gradients.
   (On CPU, bf16 per-tensor norms come from torch's own bf16 kernel, which accumulates in float32
-  but rounds each tensor's norm to bf16: see ``stats._norm_out_dtype``.) float32 and float64
+  but rounds each tensor's norm to bf16, and bf16 gradients are multiplied by the coefficient
+  rounded to bf16, as torch does: its float32-output and mixed-dtype paths are slower there; see
+  ``stats._norm_out_dtype`` and ``_multiplier_dtype``.) float32 and float64
   gradients use torch's exact kernels, in torch's grouping order, and give bit-identical
   results, mixed float32/float64 lists included.
 * **eps.** Keyword-only ``eps`` (default ``1e-6``, torch's) sets the coefficient
@@ -106,12 +108,22 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
         _scale_groups_(group_tensors(present, foreach), coef)
 
 
+def _multiplier_dtype(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """The dtype to multiply gradients of ``dtype`` by: ``acc`` (float32 or better), except for
+    bf16 on CPU, where a float32 multiplier takes the CPU's mixed-dtype path, measured 2x slower
+    per call for 2000 small tensors and 26x for a broadcast (per-unit) multiply. bf16 shares
+    float32's range, so rounding the multiplier to bf16 cannot underflow it (float16 could: it
+    keeps float32); its relative error, <= 2**-9, is that of torch's own bf16 coefficient."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cpu" else acc
+
+
 def _scale_groups_(groups: Sequence[Group], coef: Tensor) -> None:
-    coefs: dict[torch.device, Tensor] = {}
+    coefs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
     for group in groups:
-        c = coefs.get(group.device)
+        key = (group.device, _multiplier_dtype(group.device, group.dtype, coef.dtype))
+        c = coefs.get(key)
         if c is None:
-            c = coefs[group.device] = coef.to(group.device)
+            c = coefs[key] = coef.to(*key)
         if group.foreach:
             torch._foreach_mul_(group.tensors, c)
         else:
@@ -306,8 +318,8 @@ def adaptive_clip_grad_(
 
     This is timm's ``adaptive_clip_grad`` formula and optax's test (a unit is kept while
     ``|G_u| < m_u``), so a unit whose norm is NaN becomes NaN, as in both. Whole-tensor units
-    (biases, gains) are clipped in one foreach batch; on CPU, bf16 matrices are multiplied by
-    their per-unit factors rounded to bf16 (a float32 broadcast multiply is ~26x slower there). The paper advises leaving the classifier head out: pass its parameters
+    (biases, gains) are clipped in one foreach batch; on CPU, bf16 gradients are multiplied by
+    their factors rounded to bf16 (a float32 broadcast multiply is ~26x slower there). The paper advises leaving the classifier head out: pass its parameters
     (or names, with ``named_parameters()``) in ``exclude``; :class:`gradguard.AGC` finds it from the
     module structure.
 
@@ -373,7 +385,9 @@ def adaptive_clip_grad_(
         if use_foreach(gs, device, None) and use_foreach(ws, device, None):
             w_norm = _widen(torch.stack(torch._foreach_norm(ws, 2, dtype=_norm_out_dtype(device, w_dtype))))
             g_norm = _widen(torch.stack(torch._foreach_norm(gs, 2, dtype=_norm_out_dtype(device, g_dtype))))
-            torch._foreach_mul_(gs, list(_agc_factor(w_norm, g_norm, clipping, eps).unbind(0)))
+            factor = _agc_factor(w_norm, g_norm, clipping, eps)
+            factor = factor.to(_multiplier_dtype(device, g_dtype, factor.dtype))
+            torch._foreach_mul_(gs, list(factor.unbind(0)))
         else:
             for w, g in zip(ws, gs):
                 _agc_tensor_(w, g, clipping, eps)
@@ -390,8 +404,4 @@ def _agc_factor(w_norm: Tensor, g_norm: Tensor, clipping: float, eps: float) -> 
 
 def _agc_tensor_(w: Tensor, g: Tensor, clipping: float, eps: float) -> None:
     factor = _agc_factor(_unit_norm(w), _unit_norm(g), clipping, eps)
-    if factor.ndim and g.dtype == torch.bfloat16 and g.device.type == "cpu":
-        # A broadcast multiply across dtypes leaves the CPU's vectorised path (measured 26x
-        # slower for bf16); bf16 shares float32's range, so the cast cannot underflow.
-        factor = factor.to(g.dtype)
-    g.mul_(factor)
+    g.mul_(factor.to(_multiplier_dtype(g.device, g.dtype, factor.dtype)))
