@@ -488,6 +488,17 @@ def test_fp16_overflow_gives_true_norm_in_float32():
     assert not bool(stats.nonfinite) and float(stats.global_norm) == pytest.approx(84852.8, abs=0.05)
 
 
+def test_fp16_tiny_coefficient_does_not_underflow():
+    """A float16 gradient whose coefficient is below float16's smallest subnormal (6e-8) is still
+    scaled, not zeroed: the multiplier stays float32 (only bf16, float32's range, is rounded)."""
+    g = torch.full((1_000_000,), 6e4, dtype=torch.float16)  # norm 6e7: coefficient 1.7e-8
+    ps = params_with_grads(g)
+    total = gg.clip_grad_norm_(ps, 1.0)
+    assert float(total) == pytest.approx(6e7, rel=1e-3)  # float32 accumulation of 1M terms
+    assert ps[0].grad.dtype == torch.float16 and bool((ps[0].grad > 0).all())
+    assert ref.global_norm([ps[0].grad], 2) == pytest.approx(1.0, rel=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_total_is_returned_in_float32(dtype):
     """Deviation: torch returns the total in the grads' dtype; gradguard in float32."""
