@@ -45,6 +45,7 @@ from gradguard._checks import (
     check_positive,
 )
 from gradguard.stats import (
+    _GRAD,
     Group,
     _norm_out_dtype,
     _widen,
@@ -241,7 +242,7 @@ def clip_grad_norm_(
     max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
     p = check_norm_type(norm_type)
     eps = _check_eps(eps)
-    grads = [g for t in as_tensor_list(parameters, stacklevel=4) if (g := t.grad) is not None]
+    grads = [g for g in map(_GRAD, as_tensor_list(parameters, stacklevel=4)) if g is not None]
     if not grads:
         return torch.tensor(0.0)
     # One grouping serves both passes (torch groups twice); the norm pass is grad_stats'.
