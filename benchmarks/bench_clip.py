@@ -36,7 +36,7 @@ Every result is checked against torch on fresh copies of the same gradients: flo
 gradients bit for bit; bfloat16 to bf16 precision (gradguard returns its total in float32, torch
 in bfloat16); AGC against the bound |G_u| <= lambda * max(|W_u|, 1e-3). A mismatch raises.
 
-    python benchmarks/bench_clip.py            # the full run (~1-2 minutes on a 2-core CPU)
+    python benchmarks/bench_clip.py            # the full run (1.5 to 2.5 minutes on a 2-core CPU)
     python benchmarks/bench_clip.py --quick    # tiny sizes, a crash check for CI
 """
 
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             c, s = ratios["gg.clip_grad_norm_"], ratios["gg.grad_stats"]
             summary.add_row(
                 f"{name} / {str(dtype).replace('torch.', '')}",
-                f"{c:.2f} {'met' if c <= 1.0 else 'MISSED'}",
-                f"{s:.2f} {'met' if s <= 0.6 else 'MISSED'}",
+                f"{c:.3f} {'met' if c <= 1.0 else 'MISSED'}",
+                f"{s:.3f} {'met' if s <= 0.6 else 'MISSED'}",
             )
     console.print(summary)
     console.print(f"results equal torch's (checked); total {time.perf_counter() - t0:.1f} s")
