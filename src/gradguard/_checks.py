@@ -8,6 +8,7 @@ reads a device tensor.
 from __future__ import annotations
 
 import math
+import numbers
 import types
 import warnings
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ __all__ = [
     "as_tensor_list",
     "check_choice",
     "check_int",
+    "check_iterable",
     "check_norm_type",
     "check_positive",
     "check_probability",
@@ -28,36 +30,48 @@ _EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping wil
 
 
 def as_tensor_list(
-    parameters: torch.Tensor | Iterable[torch.Tensor], name: str = "parameters"
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    name: str = "parameters",
+    *,
+    warning: str | None = _EMPTY_GENERATOR,
+    stacklevel: int = 3,
 ) -> list[torch.Tensor]:
     """Turn a tensor or an iterable of tensors into a list, as ``torch.nn.utils`` does.
 
-    An exhausted generator gives torch's exact warning; an empty list is allowed silently (as in
-    torch). Anything that is not a tensor raises ``TypeError`` naming its position.
+    An exhausted generator gives ``warning`` (torch's exact text by default; None: no warning),
+    attributed ``stacklevel`` frames up (3: the caller of a plain public function; 4 when that
+    function is wrapped by ``torch.no_grad()``). An empty list is allowed silently (as in torch).
+    Anything that is not a tensor raises ``TypeError`` naming its position and value.
     """
     if isinstance(parameters, torch.Tensor):
         return [parameters]
+    check_iterable(parameters, name)
+    is_generator = isinstance(parameters, types.GeneratorType)
+    tensors = list(parameters)
+    if is_generator and not tensors and warning is not None:
+        warnings.warn(warning, stacklevel=stacklevel)
+    if not all(issubclass(tp, torch.Tensor) for tp in set(map(type, tensors))):  # fast in C
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                hint = (
+                    " It looks like (name, parameter) pairs: pass model.parameters(), not "
+                    "model.named_parameters()."
+                    if isinstance(t, tuple) and len(t) == 2
+                    else ""
+                )
+                raise TypeError(
+                    f"`{name}`[{i}] must be a Tensor, got {type(t).__name__}: {t!r:.60}.{hint}"
+                )
+    return tensors
+
+
+def check_iterable(parameters: Any, name: str = "parameters") -> None:
+    """``parameters`` must be an iterable (and not a string): raise ``TypeError`` naming it."""
     if isinstance(parameters, (str, bytes)) or not isinstance(parameters, Iterable):
         raise TypeError(
             f"`{name}` must be a Tensor or an iterable of Tensors (e.g. model.parameters()), "
             f"got {type(parameters).__name__}: {parameters!r:.80}."
         )
-    is_generator = isinstance(parameters, types.GeneratorType)
-    tensors = list(parameters)
-    if is_generator and not tensors:
-        warnings.warn(_EMPTY_GENERATOR, stacklevel=3)
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            hint = (
-                " It looks like (name, parameter) pairs: pass model.parameters(), not "
-                "model.named_parameters()."
-                if isinstance(t, tuple) and len(t) == 2
-                else ""
-            )
-            raise TypeError(
-                f"`{name}`[{i}] must be a Tensor, got {type(t).__name__}.{hint}"
-            )
-    return tensors
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -68,7 +82,8 @@ def _as_float(name: str, value: Any) -> float:
             f"`{name}` must be a Python number, got a tensor; pass float(...) of it. "
             "(A tensor here would force a host sync on every call.)"
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real admits numpy scalars (np.float32 is no subclass of float); bool is refused.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}: {value!r:.80}.")
     return float(value)
 
@@ -78,7 +93,8 @@ def check_positive(name: str, value: Any, fix: str = "", *, allow_inf: bool = Fa
     v = _as_float(name, value)
     ok = v > 0 and (math.isfinite(v) or (allow_inf and v == math.inf))
     if not ok:
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}. {fix}".rstrip())
+        what = "a positive number (or inf)" if allow_inf else "a positive finite number"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}. {fix}".rstrip())
     return v
 
 
@@ -88,10 +104,13 @@ def check_norm_type(norm_type: Any) -> float:
     Torch accepts 0 and negative orders and returns a count of non-zeros or a minimum; neither is
     a norm that clipping can use, so gradguard refuses them (a documented deviation).
     """
+    if isinstance(norm_type, bool) or isinstance(norm_type, torch.Tensor):
+        raise TypeError(f"`norm_type` must be a number or 'inf', got {norm_type!r:.80}.")
     try:
         p = float(norm_type)
     except (TypeError, ValueError):
-        raise TypeError(
+        kind = ValueError if isinstance(norm_type, str) else TypeError
+        raise kind(
             f"`norm_type` must be a number or 'inf', got {norm_type!r:.80}."
         ) from None
     if math.isnan(p) or (p <= 0 and p != -math.inf):

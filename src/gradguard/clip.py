@@ -7,22 +7,54 @@ torch's names, argument order, defaults and return values. Deliberate deviations
   torch accepts ``max_norm=-1`` and silently flips the gradients' sign (pytorch/pytorch#31367).
 * **Accumulation dtype.** Norms of fp16/bf16 gradients are accumulated and returned in float32, so
   a total above 65504 is the true value, not torch's fp16 ``inf`` that then zeroes the gradients.
-  float32 and float64 gradients use torch's exact kernels and give bit-identical results.
+  (On CPU, bf16 per-tensor norms come from torch's own bf16 kernel, which accumulates in float32
+  but rounds each tensor's norm to bf16, and bf16 gradients are multiplied by the coefficient
+  rounded to bf16, as torch does: its float32-output and mixed-dtype paths are slower there; see
+  ``stats._norm_out_dtype`` and ``_multiplier_dtype``.) float32 and float64
+  gradients use torch's exact kernels, in torch's grouping order, and give bit-identical
+  results, mixed float32/float64 lists included.
 * **eps.** Keyword-only ``eps`` (default ``1e-6``, torch's) sets the coefficient
   ``max_norm / (norm + eps)``; ``eps=0`` selects the optax/TensorFlow convention: gradients
-  below ``max_norm`` are left alone and larger ones are scaled by exactly ``max_norm / norm``.
+  below ``max_norm`` are left alone and larger ones are scaled by exactly ``max_norm / norm``
+  (then clipping twice equals clipping once up to a few ulps, not bit for bit: the norm after
+  one clip is ``max_norm`` only up to rounding).
+* **No gradients.** ``clip_grad_value_`` on parameters without gradients does nothing (torch
+  2.13 raises a RuntimeError from its grouping).
+
+A non-finite total with ``error_if_nonfinite=False`` corrupts the gradients as torch does
+(NaN stays NaN; an Inf total multiplies by 0, so Inf becomes NaN and finite entries 0; TensorFlow
+makes every entry NaN instead). :class:`gradguard.Guard` skips such steps.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from gradguard._checks import as_tensor_list, check_norm_type, check_positive
-from gradguard.stats import acc_dtype, compute_stats, group_by_device_dtype, use_foreach
+from gradguard._checks import (
+    _EMPTY_GENERATOR,
+    _as_float,
+    as_tensor_list,
+    check_iterable,
+    check_norm_type,
+    check_positive,
+)
+from gradguard.stats import (
+    _GRAD,
+    Group,
+    _norm_out_dtype,
+    _widen,
+    acc_dtype,
+    group_norms,
+    group_tensors,
+    reduce_groups,
+    use_foreach,
+)
 
 __all__ = [
     "adaptive_clip_grad_",
@@ -36,12 +68,13 @@ _MAX_NORM_FIX = "Pass the largest allowed gradient norm, e.g. max_norm=1.0 (inf 
 
 
 def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+    v = _as_float("eps", eps)
+    if not (0 <= v < math.inf):
         raise ValueError(
             f"`eps` must be a finite number >= 0, got {eps!r}. Use 1e-6 for torch's convention "
             "or 0 for optax/TensorFlow's."
         )
-    return float(eps)
+    return v
 
 
 def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
@@ -71,17 +104,40 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
 
     The multiply happens even when ``coef == 1``: testing ``coef < 1`` first would be a host sync.
     """
-    coefs: dict[torch.device, Tensor] = {}
-    for (device, _), idx in group_by_device_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
-        c = coefs.get(device)
+    present = [t for t in tensors if t is not None]
+    if present:
+        _scale_groups_(group_tensors(present, foreach), coef)
+
+
+def _multiplier_dtype(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """The dtype to multiply gradients of ``dtype`` by: ``acc`` (float32 or better), except for
+    bf16 on CPU, where a float32 multiplier takes the CPU's mixed-dtype path, measured 2x slower
+    per call for 2000 small tensors and 26x for a broadcast (per-unit) multiply. bf16 shares
+    float32's range, so rounding the multiplier to bf16 cannot underflow it (float16 could: it
+    keeps float32); its relative error, <= 2**-9, is that of torch's own bf16 coefficient."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cpu" else acc
+
+
+def _scale_groups_(groups: Sequence[Group], coef: Tensor) -> None:
+    coefs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    for group in groups:
+        key = (group.device, _multiplier_dtype(group.device, group.dtype, coef.dtype))
+        c = coefs.get(key)
         if c is None:
-            c = coefs[device] = coef.to(device)
-        if use_foreach(group, device, foreach):
-            torch._foreach_mul_(group, c)
+            c = coefs[key] = coef.to(*key)
+        if group.foreach:
+            torch._foreach_mul_(group.tensors, c)
         else:
-            for g in group:
+            for g in group.tensors:
                 g.mul_(c)
+
+
+def _total_norm(grads: list[Tensor], p: float, foreach: bool | None) -> tuple[Tensor, list[Group]]:
+    """The global norm of ``grads`` (non-empty, no None) and the groups, for a scale pass."""
+    groups = group_tensors(grads, foreach)
+    norms = [group_norms(g, p) for g in groups]
+    total, _ = reduce_groups(groups, norms, len(grads), p, grads[0].device)
+    return total, groups
 
 
 @torch.no_grad()
@@ -104,10 +160,10 @@ def get_total_norm(
         Tensor: the total norm, in ``max(float32, dtype)``; ``tensor(0.)`` for no tensors.
     """
     p = check_norm_type(norm_type)
-    ts = as_tensor_list(tensors, "tensors")
+    ts = as_tensor_list(tensors, "tensors", warning=None)  # torch warns only in clip_grad_norm_
     if not ts:
         return torch.tensor(0.0)
-    total = compute_stats(ts, p, foreach).global_norm
+    total, _ = _total_norm(ts, p, foreach)
     if error_if_nonfinite:
         raise_if_nonfinite(total, p)
     return total
@@ -140,7 +196,7 @@ def clip_grads_with_norm_(
         raise TypeError(
             f"`total_norm` must be a Tensor (e.g. from get_total_norm), got {type(total_norm).__name__}."
         )
-    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    grads = [g for t in as_tensor_list(parameters, warning=None) if (g := t.grad) is not None]
     if grads:
         scale_(grads, clip_coef(total_norm, max_norm, eps), foreach)
 
@@ -186,13 +242,14 @@ def clip_grad_norm_(
     max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
     p = check_norm_type(norm_type)
     eps = _check_eps(eps)
-    grads = [t.grad for t in as_tensor_list(parameters) if t.grad is not None]
+    grads = [g for g in map(_GRAD, as_tensor_list(parameters, stacklevel=4)) if g is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = compute_stats(grads, p, foreach).global_norm
+    # One grouping serves both passes (torch groups twice); the norm pass is grad_stats'.
+    total, groups = _total_norm(grads, p, foreach)
     if error_if_nonfinite:
         raise_if_nonfinite(total, p)
-    scale_(grads, clip_coef(total, max_norm, eps), foreach)
+    _scale_groups_(groups, clip_coef(total, max_norm, eps))
     return total
 
 
@@ -214,22 +271,31 @@ def clip_grad_value_(
     v = check_positive(
         "clip_value", clip_value, "Pass the largest allowed absolute gradient value, e.g. clip_value=1.0."
     )
-    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
-    for (device, _), idx in group_by_device_dtype(grads).items():
-        group = [grads[i] for i in idx]
-        if use_foreach(group, device, foreach):
-            torch._foreach_clamp_min_(group, -v)
-            torch._foreach_clamp_max_(group, v)
+    grads = [g for t in as_tensor_list(parameters, warning=None) if (g := t.grad) is not None]
+    if not grads:
+        return
+    for group in group_tensors(grads, foreach):
+        if group.foreach:
+            torch._foreach_clamp_min_(group.tensors, -v)
+            torch._foreach_clamp_max_(group.tensors, v)
         else:
-            for g in group:
+            for g in group.tensors:
                 g.clamp_(-v, v)
 
 
-def _unit_norm(t: Tensor, acc: torch.dtype) -> Tensor:
-    """L2 norm per output unit in torch layout: over every dim but dim 0; whole tensor for <= 1-D."""
+def _unit_norm(t: Tensor) -> Tensor:
+    """L2 norm per output unit in torch layout: over every dim but dim 0; whole tensor for <= 1-D.
+
+    In ``acc_dtype(t.dtype)``; the kernel's own dtype where that is exact and fast (see
+    ``stats._norm_out_dtype``).
+    """
+    out = _norm_out_dtype(t.device, t.dtype)
     if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, 2, dtype=acc)
-    return torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=acc)
+        n = torch.linalg.vector_norm(t, 2, dtype=out)
+    else:
+        n = torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=out)
+    acc = acc_dtype(t.dtype)
+    return n if n.dtype == acc else n.to(acc)
 
 
 @torch.no_grad()
@@ -251,8 +317,10 @@ def adaptive_clip_grad_(
         G_u \leftarrow G_u \cdot \frac{m_u}{\max(\lVert G_u \rVert_2, 10^{-6})}
         \quad \text{if } \lVert G_u \rVert_2 \ge m_u
 
-    This is timm's ``adaptive_clip_grad`` formula (optax keeps at strict ``<``; the two agree
-    except at equality). The paper advises leaving the classifier head out: pass its parameters
+    This is timm's ``adaptive_clip_grad`` formula and optax's test (a unit is kept while
+    ``|G_u| < m_u``), so a unit whose norm is NaN becomes NaN, as in both. Whole-tensor units
+    (biases, gains) are clipped in one foreach batch; on CPU, bf16 gradients are multiplied by
+    their factors rounded to bf16 (a float32 broadcast multiply is ~26x slower there). The paper advises leaving the classifier head out: pass its parameters
     (or names, with ``named_parameters()``) in ``exclude``; :class:`gradguard.AGC` finds it from the
     module structure.
 
@@ -265,8 +333,17 @@ def adaptive_clip_grad_(
     """
     clipping = check_positive("clipping", clipping, "AGC's lambda is typically 0.01 to 0.16.")
     eps = check_positive("eps", eps, "AGC's weight-norm floor is typically 1e-3.")
-    items = list(parameters) if not isinstance(parameters, Tensor) else [parameters]
-    named = bool(items) and isinstance(items[0], tuple)
+    if isinstance(parameters, Tensor):
+        items: list = [parameters]
+    else:
+        check_iterable(parameters)
+        is_generator = isinstance(parameters, types.GeneratorType)
+        items = list(parameters)
+        if is_generator and not items:
+            warnings.warn(_EMPTY_GENERATOR, stacklevel=3)
+    named = bool(items) and all(
+        isinstance(it, tuple) and len(it) == 2 and isinstance(it[0], str) for it in items
+    )
     if named:
         names = [n for n, _ in items]
         params = as_tensor_list([p for _, p in items])
@@ -291,12 +368,41 @@ def adaptive_clip_grad_(
             skip_ids.add(id(e))
         else:
             raise TypeError(f"`exclude` entries must be Tensors or names, got {type(e).__name__}.")
+    # Whole-tensor units (biases, norm gains, scalars) go through the foreach kernels in one
+    # batch per (device, dtypes); matrices and kernels are clipped one by one, unit-wise.
+    vectors: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for p in params:
         g = p.grad
         if g is None or id(p) in skip_ids:
             continue
-        acc = acc_dtype(g.dtype)
-        max_norm = _unit_norm(p.detach(), acc).clamp_min_(eps).mul_(clipping)
-        g_norm = _unit_norm(g, acc)
-        factor = torch.where(g_norm >= max_norm, max_norm / g_norm.clamp_min(1e-6), 1.0)
-        g.mul_(factor)
+        w = p.detach()
+        if g.ndim <= 1:
+            ws, gs = vectors.setdefault((g.device, g.dtype, w.dtype), ([], []))
+            ws.append(w)
+            gs.append(g)
+        else:
+            _agc_tensor_(w, g, clipping, eps)
+    for (device, g_dtype, w_dtype), (ws, gs) in vectors.items():
+        if use_foreach(gs, device, None) and use_foreach(ws, device, None):
+            w_norm = _widen(torch.stack(torch._foreach_norm(ws, 2, dtype=_norm_out_dtype(device, w_dtype))))
+            g_norm = _widen(torch.stack(torch._foreach_norm(gs, 2, dtype=_norm_out_dtype(device, g_dtype))))
+            factor = _agc_factor(w_norm, g_norm, clipping, eps)
+            factor = factor.to(_multiplier_dtype(device, g_dtype, factor.dtype))
+            torch._foreach_mul_(gs, list(factor.unbind(0)))
+        else:
+            for w, g in zip(ws, gs):
+                _agc_tensor_(w, g, clipping, eps)
+
+
+def _agc_factor(w_norm: Tensor, g_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """Per-unit multiplier: 1 where |G_u| < m_u = clipping * max(|W_u|, eps), else m_u / |G_u|.
+
+    timm's and optax's test (``g < m`` keeps), so a NaN unit norm scales: the unit becomes NaN.
+    """
+    max_norm = w_norm.clamp_min(eps).mul_(clipping)
+    return torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp_min(1e-6))
+
+
+def _agc_tensor_(w: Tensor, g: Tensor, clipping: float, eps: float) -> None:
+    factor = _agc_factor(_unit_norm(w), _unit_norm(g), clipping, eps)
+    g.mul_(factor.to(_multiplier_dtype(g.device, g.dtype, factor.dtype)))

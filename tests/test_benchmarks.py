@@ -1,0 +1,30 @@
+"""The benchmark runs: ``benchmarks/bench_clip.py --quick`` exits 0 (a crash check; its own
+assertions compare every result with torch's)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_clip_quick_runs():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_clip.py"), "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for name in ("gg.clip_grad_norm_", "gg.grad_stats", "gg.adaptive_clip_grad_", "torch clip_grad_norm_"):
+        assert name in out
+    assert "gpt2-tiny / float32" in out and "many-small / bfloat16" in out
+    assert "results equal torch's (checked)" in out
