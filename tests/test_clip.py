@@ -19,7 +19,7 @@ import torch
 import torch.nn.utils as tnu
 from torch import nn
 
-import _reference as ref
+from tests import _reference as ref
 import gradguard as gg
 
 INF, NAN = math.inf, math.nan

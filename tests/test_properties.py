@@ -14,9 +14,9 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import _reference as ref
+from tests import _reference as ref
 import gradguard as gg
-from _strategies import (
+from tests._strategies import (
     EXACT_DTYPES,
     FLOAT_DTYPES,
     PROPS,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import _reference as ref
+from tests import _reference as ref
 
 INF, NAN = math.inf, math.nan
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.utils as tnu
 from torch import nn
 
-import _reference as ref
+from tests import _reference as ref
 import gradguard as gg
 from gradguard.stats import GradStats, acc_dtype, compute_stats, group_by_device_dtype, group_tensors
 from gradguard.testing import count_host_syncs
