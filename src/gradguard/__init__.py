@@ -12,17 +12,22 @@ from gradguard.clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from gradguard.doctor import diagnose
+from gradguard.findings import Finding, Report
 from gradguard.stats import GradStats, grad_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
     "GradStats",
+    "Report",
     "__version__",
     "adaptive_clip_grad_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "diagnose",
     "get_total_norm",
     "grad_stats",
 ]

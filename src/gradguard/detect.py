@@ -330,6 +330,7 @@ def detect_nonfinite_loss(ctx: _Ctx) -> Finding | None:
         remedies = ["lower_learning_rate", "gradient_clipping", "skip_nonfinite_steps"]
     ev = {
         "first_step": ctx.hist.step[first],
+        "at_start": at_start,
         "steps": len(bad),
         "rows": ctx.n,
         "origin": origin,
@@ -580,7 +581,7 @@ def _exploding_depth(ctx: _Ctx) -> Finding | None:
     if ctx.probes is not None and not ctx.has_norm_layers():
         causes.append("missing_normalization")
     ev = {
-        "axis": "depth",
+        "axis": "depth" if by_depth else "weights",
         "first_layer": layers[0] if layers else "",
         "ratio": _sig(ratio),
         "growth_per_layer": _sig(growth),

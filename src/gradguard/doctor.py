@@ -34,7 +34,7 @@ from gradguard.probe import Probe, ProbeSummary, param_infos
 from gradguard.stats import compute_stats
 from gradguard.treat import TREATMENTS, Treatment
 
-__all__ = ["activation_map", "diagnose"]
+__all__ = ["Prescription", "activation_map", "diagnose", "prescribe"]
 
 log = logging.getLogger(__name__)
 
@@ -587,6 +587,11 @@ def _metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, run: _R
     }
     if optimizer is not None:
         md["lr"] = [float(g["lr"]) for g in optimizer.param_groups if "lr" in g]
+        md["baseline_loss"] = _final_loss(run)
+        if math.isfinite(run.early_norm) and run.early_norm > 0:
+            md["clip_norm"] = run.early_norm
+    md["baseline_flow"] = _flow(run)
+    md["baseline_time"] = _time_flow(run)
     return md
 
 
@@ -596,3 +601,65 @@ def findings_from_history(history: History, probes: ProbeSummary | None = None) 
     run = _Run(history, probes or ProbeSummary(), findings, math.nan)
     md = {"mode": "history", "steps": len(history), "tensors": len(history.names)}
     return Report(findings=findings, history=_summarise(run), metadata=md)
+
+
+@dataclass
+class Prescription:
+    """A remedy applied to a fresh copy: the treated model, its optimizer, and loop settings.
+
+    Attributes:
+        remedy: the remedy code.
+        model: the treated deep copy (the original is untouched).
+        optimizer: a new optimizer on the copy (the original's class and hyper-parameters, with
+            the remedy's learning-rate factor or optimizer swap), or None.
+        changed: what the treatment changed in the model.
+        clip: whether the remedy asks for gradient-norm clipping in the training loop.
+        skip_nonfinite: whether it asks to skip steps with non-finite gradients.
+    """
+
+    remedy: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    changed: list[str]
+    clip: bool = False
+    skip_nonfinite: bool = False
+
+
+def prescribe(model: nn.Module, remedy: str, example: tuple[Any, Any],
+              optimizer: torch.optim.Optimizer | None = None) -> Prescription:
+    """Apply remedy ``remedy`` to a deep copy of ``model``, as ``diagnose`` tries it.
+
+    Args:
+        model: the network (never modified).
+        remedy: a remedy code with an automatic treatment (see :data:`gradguard.treat.TREATMENTS`).
+        example: one ``(inputs, targets)`` batch; one forward pass traces which activation follows
+            each layer (for initialisations that depend on it).
+        optimizer: the optimizer to clone onto the copy (optional).
+
+    Returns:
+        Prescription: the treated copy and what to change in the training loop.
+    """
+    t = TREATMENTS.get(remedy)
+    if t is None or t.manual:
+        auto = sorted(k for k, v in TREATMENTS.items() if not v.manual)
+        raise ValueError(f"`remedy` {remedy!r} has no automatic treatment; choose one of {auto}.")
+    if t.needs_optimizer and optimizer is None:
+        raise ValueError(f"remedy {remedy!r} acts through the optimizer: pass `optimizer`.")
+    _check_optimizer(model, optimizer)
+    m = copy.deepcopy(model)
+    x = _to(example[0], next(model.parameters()).device)
+    was_training = m.training
+    m.eval()  # tracing only: no batch-norm statistics updated, no dropout
+    with torch.no_grad(), Probe(m, temporal=False) as probe:
+        m(x)
+        summary = probe.summary()
+    m.train(was_training)
+    follow, follow_site, outputs = activation_map(summary)
+    changed: list[str] = []
+    if t.model_fn is not None:
+        changed = t.model_fn(m, {"follow": follow, "follow_site": follow_site,
+                                 "output_sites": outputs})
+    opt = None
+    if optimizer is not None:
+        opt = _clone_optimizer(model, m, optimizer, lr_factor=t.lr_factor, adam=t.adam)
+    return Prescription(remedy, m, opt, changed, clip=t.clip, skip_nonfinite=t.skip_nonfinite)
