@@ -755,20 +755,22 @@ def detect_learning_rate_too_high(ctx: _Ctx) -> Finding | None:
     if not ctx.trained:
         return None
     view = ctx.view
-    per_row = [_median([u for u in row if math.isfinite(u)]) for row in view.update]
+    went_bad = ctx.first_bad_row is not None
+    # read the updates before anything went non-finite: afterwards they are NaN or frozen at 0
+    rows = view.update[: ctx.first_bad_row] if went_bad else view.update
+    per_row = [_median([u for u in row if math.isfinite(u)]) for row in rows]
     per_row = [v for v in per_row if math.isfinite(v)]
-    if len(per_row) < MIN_ROWS // 2:
+    if len(per_row) < 3 or (not went_bad and len(per_row) < MIN_ROWS // 2):
         return None
     med = _median(per_row)
     trend = _loss_trend(ctx)
-    went_bad = ctx.first_bad_row is not None
     if not med > LR_UPDATE_RATIO:
         return None
     # large updates that buy nothing: the loss ends no lower than where it started
     rising = trend is not None and trend.last > 0.9 * min(trend.first, trend.start)
     if not (rising or went_bad):
         return None
-    layer_med = {layer: _median([row[j] for row in view.update])
+    layer_med = {layer: _median([row[j] for row in rows])
                  for j, layer in enumerate(view.layers)}
     named = [layer for layer, v in layer_med.items() if v > LR_UPDATE_RATIO
              and layer in view.weight_layers] or [

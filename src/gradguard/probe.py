@@ -344,6 +344,7 @@ class Probe:
         self._batches = 0
         self._enabled = True
         self._last_leaf: nn.Module | None = None
+        self._depth = 0  # nesting of the root module's forward
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Probe:
@@ -362,19 +363,17 @@ class Probe:
             self._handles.append(
                 mod.register_forward_hook(self._post_hook(name, mod), always_call=True)
             )
-        if self.functional:
-            self._mode = _FunctionalActivations(self)
-            self._mode.__enter__()
 
     def detach(self) -> None:
         """Remove every hook and the function mode."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._mode is not None:
+        if self._mode is not None:  # only if a forward pass was interrupted without its hooks
             self._mode.__exit__(None, None, None)
             self._mode = None
         self._stack = []
+        self._depth = 0
 
     @property
     def enabled(self) -> bool:
@@ -400,9 +399,16 @@ class Probe:
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
             if module is self.model:
-                self._fn_calls = {}
-                if self._enabled:
-                    self._batches += 1
+                if self._depth == 0:
+                    self._fn_calls = {}
+                    if self._enabled:
+                        self._batches += 1
+                    # The function mode is active only inside the model's forward: the backward
+                    # pass, the loss and the optimizer run without it.
+                    if self.functional and self._enabled:
+                        self._mode = _FunctionalActivations(self)
+                        self._mode.__enter__()
+                self._depth += 1
             self._stack.append((name, module))
             if is_rnn and self.temporal and self._enabled and torch.is_grad_enabled() and args:
                 return self._watch_time(name, module, args)
@@ -417,6 +423,11 @@ class Probe:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if self._stack and self._stack[-1][1] is module:
                 self._stack.pop()
+            if module is self.model:
+                self._depth = max(0, self._depth - 1)
+                if self._depth == 0 and self._mode is not None:
+                    self._mode.__exit__(None, None, None)
+                    self._mode = None
             if not self._enabled:
                 return
             y = output[0] if isinstance(output, (tuple, list)) and output else output
