@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradguard as gg
+from gradguard.detect import CAUSES, REMEDIES
 from gradguard.doctor import activation_map, prescribe
 
 from gallery import Case, cases, digit_batches, mlp
@@ -41,6 +42,8 @@ def test_sick_network_is_named(case: Case) -> None:
     assert set(case.remedy) & set(f.remedies[:3]), (
         f"{case.name}: none of {case.remedy} in the top remedies {f.remedies[:3]}")
     assert f.causes, "every finding names at least one cause"
+    for g in report.findings:
+        assert set(g.causes) <= set(CAUSES) and set(g.remedies) <= set(REMEDIES), g.code
     # layers are reported in module order
     order = {n: i for i, n in enumerate(n for n, _ in case.build()[0].named_modules())}
     ranks = [order[n] for n in f.layers if n in order]

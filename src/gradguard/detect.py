@@ -23,7 +23,7 @@ from gradguard.findings import Finding, Severity
 from gradguard.history import History
 from gradguard.probe import HARD_ZERO, ProbeSummary, SiteStats, TemporalStats
 
-__all__ = ["CODES", "DETECTORS", "LayerView", "layer_view", "run_detectors"]
+__all__ = ["CAUSES", "CODES", "DETECTORS", "REMEDIES", "LayerView", "layer_view", "run_detectors"]
 
 # -- thresholds ----------------------------------------------------------------------------------
 #: vanishing: the first weight layer's gradient is this far below the best-fed later layer.
@@ -79,6 +79,20 @@ CODES = (
     "learning_rate_too_high",
     "loss_spike",
     "training_stalled",
+)
+
+#: every cause code a detector may name (each has text in gradguard.messages)
+CAUSES = (
+    "saturating_activation", "depth", "small_init", "large_init", "high_learning_rate",
+    "low_learning_rate", "recurrence", "missing_normalization", "numerical_overflow",
+    "dying_relu", "bad_bias_init", "outlier_batch",
+)
+#: every remedy code a detector may prescribe (each has text; most have a treatment to try)
+REMEDIES = (
+    "relu_family", "he_init", "xavier_init", "orthogonal_init", "batch_norm",
+    "residual_connections", "gradient_clipping", "lower_learning_rate", "raise_learning_rate",
+    "lr_schedule", "adaptive_optimizer", "gated_recurrence", "weight_decay",
+    "skip_nonfinite_steps", "spike_skipping", "leaky_relu", "stable_loss",
 )
 
 _NORM_TOKEN = re.compile(r"(^|[._])(bn|ln|gn|norm|batchnorm|layernorm|groupnorm|rmsnorm)\w*$",

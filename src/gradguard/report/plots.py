@@ -106,8 +106,7 @@ def norm_heatmap(report: Report, lang: str = "en") -> Any:
     good = data[~bad]
     with plt.rc_context(_rc(pl)):
         fig, ax = plt.subplots(figsize=(8.0, max(2.6, 0.22 * data.shape[0] + 1.4)))
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("#bbbbbb")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#bbbbbb")
         norm = LogNorm(vmin=float(good.min()), vmax=float(good.max())) if good.size and \
             good.min() < good.max() else None
         im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
