@@ -19,6 +19,15 @@ def console() -> Any:
     return Console(highlight=False)
 
 
+def error(msg: str) -> int:
+    """Print a usage error to stderr (no wrapping, no markup); returns exit status 2."""
+    from rich.console import Console
+
+    text = msg if msg.startswith("error:") else f"error: {msg}"
+    Console(stderr=True, highlight=False).print(text, style="red", markup=False, soft_wrap=True)
+    return 2
+
+
 def add_lang(parser: Any) -> None:
     parser.add_argument("--lang", choices=M.LANGS, default="en",
                         help="language of the findings: en (English) or ko (Korean)")

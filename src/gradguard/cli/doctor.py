@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradguard.cli._render import add_lang, console, print_report, progress_bar
+from gradguard.cli._render import add_lang, console, error, print_report, progress_bar
 
 HELP = "diagnose a model built by FILE_OR_MODULE:FACTORY (vanishing/exploding gradients, causes, remedies)"
 
@@ -130,10 +130,7 @@ def run(args: argparse.Namespace) -> int:
                               setup["optimizer"], steps=steps, try_remedies=args.try_remedies,
                               lang=args.lang, seed=args.seed, progress=update)
     except (UsageError, TypeError, ValueError) as e:
-        msg = str(e)
-        con.print(msg if msg.startswith("error:") else f"error: {msg}", style="red",
-                  markup=False)
-        return 2
+        return error(str(e))
     print_report(con, report, args.lang)
     _write(con, report, args)
     return 1 if any(f.severity.value == "error" for f in report.findings) else 0

@@ -8,8 +8,9 @@ a forward pass (saturation, dead units, activation scale) stay silent here; the 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from gradguard.cli._render import add_lang, console, print_report
+from gradguard.cli._render import add_lang, console, error, print_report
 
 HELP = "diagnose a recorded run from its JSONL history (what JSONLSink writes)"
 
@@ -31,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         history = History.from_jsonl(args.path)
     except (FileNotFoundError, ValueError) as e:
-        con.print(f"error: {e}", style="red", markup=False)
-        return 2
+        return error(str(e))
     report = findings_from_history(history)
     report.metadata["lang"] = args.lang
     report.metadata["source"] = str(args.path)
+    report.metadata["model"] = Path(args.path).name
     print_report(con, report, args.lang)
     if args.json:
         report.to_json(args.json)

@@ -200,6 +200,9 @@ def trial_effect(t: Trial, lang: str = "en") -> str:
 def run_line(report: Report, lang: str = "en") -> str:
     md = report.metadata
     mode = ui(f"mode_{md.get('mode', 'train')}", lang)
+    if md.get("mode") == "history":
+        return ui("run_summary_history", lang, mode=mode, steps=md.get("steps", len(report.history)),
+                  tensors=md.get("tensors", "?"), model=md.get("model", "?"))
     return ui("run_summary", lang, mode=mode, steps=md.get("steps", len(report.history)),
               model=md.get("model", "?"), params=fmt_num(md.get("parameters", "?")))
 

@@ -423,6 +423,7 @@ UI: dict[str, str] = {
     "none": "none",
     "resolves": "resolves {codes}",
     "run_summary": "{mode}: {steps} steps on {model} ({params} parameters)",
+    "run_summary_history": "{mode}: {steps} steps, {tensors} tensors ({model})",
     "mode_train": "training run",
     "mode_examine": "examination at the current weights",
     "mode_history": "recorded run",

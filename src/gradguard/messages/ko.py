@@ -423,6 +423,7 @@ UI: dict[str, str] = {
     "none": "없음",
     "resolves": "{codes} 해결",
     "run_summary": "{mode}: {model}({params}개 파라미터)에서 {steps}스텝",
+    "run_summary_history": "{mode}: {steps}스텝, 텐서 {tensors}개 ({model})",
     "mode_train": "학습 실행",
     "mode_examine": "현재 가중치 검사",
     "mode_history": "기록된 학습",
