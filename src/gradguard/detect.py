@@ -42,7 +42,7 @@ EXPLODE_GROWTH = 1e2
 EXPLODE_SUSTAIN = 1e1
 #: temporal (recurrent) vanishing/exploding: gradient at the first time step over the last's.
 TIME_VANISH = 1e-3
-TIME_EXPLODE = 1e2
+TIME_EXPLODE = 1e1  # healthy recurrent layers (any cell, any sane init) decay backward in time
 #: a recurrent profile needs at least this many time steps to be judged.
 TIME_MIN_STEPS = 8
 #: saturation: share of a site's outputs pinned near a bound.
@@ -548,10 +548,15 @@ def _exploding_time_rnn(ctx: _Ctx) -> Finding | None:
                 "depth": len(g),
                 "n_layers": 1,
             }
+            # A run that diverged needs its steps bounded first (clipping); otherwise the
+            # recurrent matrix itself is the fix.
+            diverged = ctx.first_bad_row is not None or _exploding_over_steps(ctx) is not None
+            remedies = (["gradient_clipping", "orthogonal_init"] if diverged
+                        else ["orthogonal_init", "gradient_clipping"])
+            ev["diverged"] = diverged
             return Finding("exploding_gradients", Severity.ERROR, [t.module],
                            ["recurrence", "large_init"],
-                           ["gradient_clipping", "orthogonal_init", "gated_recurrence",
-                            "lower_learning_rate"], ev)
+                           [*remedies, "gated_recurrence", "lower_learning_rate"], ev)
     return None
 
 
@@ -581,13 +586,13 @@ def _exploding_depth(ctx: _Ctx) -> Finding | None:
     if not (by_depth or by_rel):
         return None
     if not named:
-        # homogeneous nets scale every layer alike: name the layers whose gradient exceeds
-        # their weights by the threshold
+        # homogeneous nets scale every layer alike, so depth ratios stay flat: name every
+        # layer whose gradient is larger than its weights
         j0 = rows[0]
         named = [layer for layer in ctx.view.weight_layers
                  if ctx.view.weight_norm.get(layer, 0) > 0
                  and ctx.view.norms[j0][ctx.view.layers.index(layer)]
-                 > EXPLODE_REL * ctx.view.weight_norm[layer]] or list(layers)
+                 > ctx.view.weight_norm[layer]] or list(layers)
     causes = ["large_init"]
     if drift < DRIFT_DECADES / 2 and ctx.sites("saturating"):
         causes = ["large_init", "saturating_activation"]

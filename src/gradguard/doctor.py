@@ -479,7 +479,6 @@ def _try_remedies(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
     follow, follow_site, outputs = activation_map(base.probes)
     ctx = {"follow": follow, "follow_site": follow_site, "output_sites": outputs}
     clip_norm = base.early_norm if math.isfinite(base.early_norm) and base.early_norm > 0 else 1.0
-    base_codes = {f.code for f in base.findings}
     time_axis = any(f.evidence.get("axis") == "time" for f in base.findings)
     trials: list[Trial] = []
     tried = 0
@@ -487,39 +486,16 @@ def _try_remedies(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
         t = TREATMENTS.get(code)
         if t is None:
             continue
-        if t.manual:
-            trials.append(Trial(code, applied=False, note="manual"))
-            continue
-        if t.needs_optimizer and optimizer is None:
-            trials.append(Trial(code, applied=False, note="needs_optimizer"))
-            continue
-        if tried >= max_trials:
-            trials.append(Trial(code, applied=False, note="trial_limit"))
-            continue
-        tried += 1
+        if not t.manual and not (t.needs_optimizer and optimizer is None):
+            if tried >= max_trials:
+                trials.append(Trial(code, applied=False, note="trial_limit"))
+                continue
+            tried += 1
         cb = None
         if progress is not None:
             cb = (lambda c: (lambda done: progress(c, done, len(batches))))(code)
-        try:
-            run, changed = _run(model, loss_fn, batches, optimizer, seed, t, clip_norm, model, ctx,
-                                cb)
-        except Exception as e:  # a treatment can break a model's forward; say so, keep going
-            log.info("remedy %s could not run on this model: %s", code, e)
-            trials.append(Trial(code, applied=False, note="failed", changed=[str(e)[:200]]))
-            continue
-        if t.model_fn is not None and not changed:
-            trials.append(Trial(code, applied=False, note="not_applicable"))
-            continue
-        codes = [f.code for f in run.findings]
-        trial = Trial(
-            code, applied=True, changed=changed, flow_ratio=_flow(run),
-            final_loss=_final_loss(run) if optimizer is not None else math.nan,
-            findings=codes, resolved=sorted(base_codes - set(codes)),
-            introduced=sorted(set(codes) - base_codes), loss_curve=list(run.history.loss),
-            time_ratio=_time_flow(run),
-        )
-        trial.score, trial.improved = _score_trial(base, trial, optimizer is not None, time_axis)
-        trials.append(trial)
+        trials.append(_trial(model, loss_fn, batches, optimizer, seed, base, code, ctx, clip_norm,
+                             time_axis, cb))
     applied = sorted([t for t in trials if t.applied], key=lambda t: -t.score)
     skipped = [t for t in trials if not t.applied]
     ordered = applied + skipped
@@ -530,8 +506,47 @@ def _try_remedies(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
     return ordered
 
 
-def _score_trial(base: _Run, trial: Trial, trained: bool, time_axis: bool) -> tuple[float, bool]:
-    """Ranking key and "measurably better" flag for one trial against the baseline run."""
+def _trial(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
+           batches: list[tuple[Any, Any]], optimizer: torch.optim.Optimizer | None, seed: int,
+           base: _Run, code: str, ctx: Mapping[str, Any], clip_norm: float, time_axis: bool,
+           progress: Callable[[int], None] | None = None) -> Trial:
+    """Run one remedy on a fresh copy and measure it against the baseline run."""
+    t = TREATMENTS[code]
+    if t.manual:
+        return Trial(code, applied=False, note="manual")
+    if t.needs_optimizer and optimizer is None:
+        return Trial(code, applied=False, note="needs_optimizer")
+    try:
+        run, changed = _run(model, loss_fn, batches, optimizer, seed, t, clip_norm, model, ctx,
+                            progress)
+    except Exception as e:  # a treatment can break a model's forward; say so, keep going
+        log.info("remedy %s could not run on this model: %s", code, e)
+        return Trial(code, applied=False, note="failed", changed=[str(e)[:200]])
+    if t.model_fn is not None and not changed:
+        return Trial(code, applied=False, note="not_applicable")
+    base_codes = {f.code for f in base.findings}
+    codes = [f.code for f in run.findings]
+    trial = Trial(
+        code, applied=True, changed=changed, flow_ratio=_flow(run),
+        final_loss=_final_loss(run),
+        findings=codes, resolved=sorted(base_codes - set(codes)),
+        introduced=sorted(set(codes) - base_codes), loss_curve=list(run.history.loss),
+        time_ratio=_time_flow(run),
+    )
+    trial.score, trial.improved = _score_trial(base, trial, time_axis)
+    return trial
+
+
+def _score_trial(base: _Run, trial: Trial, time_axis: bool) -> tuple[float, bool]:
+    """Ranking key and "measurably better" flag for one trial against the baseline run.
+
+    Score: +2 per baseline finding resolved, -2 per finding introduced, + the decades the
+    first/last gradient ratio moved toward 1 (clipped to ±3), + 3·log(baseline loss / trial loss)
+    (clipped to ±3; ±3 when only one of them stayed finite). Without an optimizer the losses are
+    those at the starting weights. "Improved" means a half-decade better gradient flow (from at
+    least a decade off), a loss at least 5% lower, a run that stays finite where the baseline did
+    not, or a baseline finding resolved without a new one.
+    """
     score = 2.0 * len(trial.resolved) - 2.0 * len(trial.introduced)
     improved = False
     if time_axis:
@@ -545,16 +560,15 @@ def _score_trial(base: _Run, trial: Trial, trained: bool, time_axis: bool) -> tu
     elif not math.isfinite(bd) and math.isfinite(td):
         score += 3.0
         improved = True
-    if trained:
-        bl, tl = _final_loss(base), trial.final_loss
-        if math.isfinite(bl) and math.isfinite(tl) and bl > 0 and tl > 0:
-            score += 3.0 * max(-1.0, min(1.0, math.log(bl / tl)))
-            improved = improved or tl < 0.95 * bl
-        elif not math.isfinite(bl) and math.isfinite(tl):
-            score += 3.0
-            improved = True
-        elif math.isfinite(bl) and not math.isfinite(tl):
-            score -= 3.0
+    bl, tl = _final_loss(base), trial.final_loss
+    if math.isfinite(bl) and math.isfinite(tl) and bl > 0 and tl > 0:
+        score += 3.0 * max(-1.0, min(1.0, math.log(bl / tl)))
+        improved = improved or tl < 0.95 * bl
+    elif not math.isfinite(bl) and math.isfinite(tl):
+        score += 3.0
+        improved = True
+    elif math.isfinite(bl) and not math.isfinite(tl):
+        score -= 3.0
     if trial.resolved and not trial.introduced:
         improved = True
     return score, improved
@@ -585,9 +599,9 @@ def _metadata(model: nn.Module, optimizer: torch.optim.Optimizer | None, run: _R
         "gradguard": __version__,
         "torch": torch.__version__,
     }
+    md["baseline_loss"] = _final_loss(run)
     if optimizer is not None:
         md["lr"] = [float(g["lr"]) for g in optimizer.param_groups if "lr" in g]
-        md["baseline_loss"] = _final_loss(run)
         if math.isfinite(run.early_norm) and run.early_norm > 0:
             md["clip_norm"] = run.early_norm
     md["baseline_flow"] = _flow(run)
