@@ -542,7 +542,8 @@ def first_remedy_effect(case: EvalCase, finding: Finding) -> tuple[str, str]:
     bflow = doctor._time_flow(base) if time_axis else doctor._flow(base)
     tflow = trial.time_ratio if time_axis else trial.flow_ratio
     bd, td = doctor._decades(bflow), doctor._decades(tflow)
-    flow_ok = (math.isfinite(bd) and math.isfinite(td) and bd >= 1.0 and bd - td >= 0.5) or (
+    flow_ok = (math.isfinite(bd) and math.isfinite(td) and bd >= 1.0
+               and doctor._flow_gain(bflow, tflow) >= 0.5) or (
         not math.isfinite(bd) and math.isfinite(td))
     bl, tl = doctor._final_loss(base), trial.final_loss
     loss_ok = (math.isfinite(bl) and math.isfinite(tl) and tl < 0.95 * bl) or (

@@ -305,7 +305,10 @@ def _flow(run: _Run) -> float:
 
 
 def _time_flow(run: _Run) -> float:
-    for t in run.probes.temporal:
+    """Gradient at the first time step over the last's, read where the detectors read it."""
+    src = run.probes.initial if run.probes.initial is not None and run.probes.initial.temporal \
+        else run.probes
+    for t in src.temporal:
         g = t.grad_norm
         if len(g) >= 2 and g[-1] > 0 and all(math.isfinite(v) for v in g):
             return g[0] / g[-1]
@@ -325,6 +328,16 @@ def _final_loss(run: _Run) -> float:
 
 def _decades(x: float) -> float:
     return abs(math.log10(x)) if math.isfinite(x) and x > 0 else math.inf
+
+
+def _flow_gain(base: float, trial: float) -> float:
+    """Decades of the baseline's imbalance that the trial removed (toward a ratio of 1).
+
+    A ratio above 1 (gradients growing toward the input) must come down, one below 1 must come
+    up; moving past 1 earns nothing more (a problem on the other side shows up as a finding).
+    """
+    lb, lt = math.log10(base), math.log10(trial)
+    return lb - max(lt, 0.0) if lb > 0 else min(lt, 0.0) - lb
 
 
 # -- the public entry point ----------------------------------------------------------------------
@@ -540,8 +553,8 @@ def _trial(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
 def _score_trial(base: _Run, trial: Trial, time_axis: bool) -> tuple[float, bool]:
     """Ranking key and "measurably better" flag for one trial against the baseline run.
 
-    Score: +2 per baseline finding resolved, -2 per finding introduced, + the decades the
-    first/last gradient ratio moved toward 1 (clipped to ±3), + 3·log(baseline loss / trial loss)
+    Score: +2 per baseline finding resolved, -2 per finding introduced, + the decades of
+    imbalance the first/last gradient ratio lost (:func:`_flow_gain`, clipped to ±3), + 3·log(baseline loss / trial loss)
     (clipped to ±3; ±3 when only one of them stayed finite). Without an optimizer the losses are
     those at the starting weights. "Improved" means a half-decade better gradient flow (from at
     least a decade off), a loss at least 5% lower, a run that stays finite where the baseline did
@@ -549,12 +562,10 @@ def _score_trial(base: _Run, trial: Trial, time_axis: bool) -> tuple[float, bool
     """
     score = 2.0 * len(trial.resolved) - 2.0 * len(trial.introduced)
     improved = False
-    if time_axis:
-        bd, td = _decades(_time_flow(base)), _decades(trial.time_ratio)
-    else:
-        bd, td = _decades(_flow(base)), _decades(trial.flow_ratio)
+    bf, tf = (_time_flow(base), trial.time_ratio) if time_axis else (_flow(base), trial.flow_ratio)
+    bd, td = _decades(bf), _decades(tf)
     if math.isfinite(bd) and math.isfinite(td):
-        gain = max(-3.0, min(3.0, bd - td))
+        gain = max(-3.0, min(3.0, _flow_gain(bf, tf)))
         score += gain
         improved = bd >= 1.0 and gain >= 0.5
     elif not math.isfinite(bd) and math.isfinite(td):
