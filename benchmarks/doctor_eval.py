@@ -37,7 +37,7 @@ from torch import nn
 
 from gradguard import doctor
 from gradguard.detect import run_detectors  # noqa: F401  (documented entry point)
-from gradguard.doctor import activation_map, diagnose
+from gradguard.doctor import diagnose
 from gradguard.findings import Finding
 
 torch.set_num_threads(1)
@@ -512,6 +512,34 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
             init_(net, "xavier")
             return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd", 0.1)
         out.append(EvalCase(f"healthy_shallow_sigmoid_d{depth}", h_sig, None))
+        s, p = seed(), rng.choice([0.1, 0.3])
+
+        def h_drop(s=s, p=p):  # type: ignore[no-untyped-def]
+            torch.manual_seed(s)
+            net = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(p),
+                                nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(p),
+                                nn.Linear(128, 10))
+            return net, F.cross_entropy, digit_data(30, 64, s), opt_for(net, "sgd", 0.1)
+        out.append(EvalCase(f"healthy_bn_dropout_p{p}", h_drop, None))
+
+        s, T = seed(), rng.choice([6, 10])
+
+        def h_rnn_orth(s=s, T=T):  # type: ignore[no-untyped-def]
+            torch.manual_seed(s)
+            net = Recurrent(nn.RNN, 24)
+            nn.init.orthogonal_(net.rnn.weight_hh_l0)
+            return net, F.mse_loss, adding(30, T, 32, s), opt_for(net, "adam", 3e-3)
+        out.append(EvalCase(f"healthy_rnn_orthogonal_T{T}", h_rnn_orth, None))
+
+        s = seed()
+
+        def h_pool(s=s):  # type: ignore[no-untyped-def]
+            torch.manual_seed(s)
+            net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+                                nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
+                                nn.Flatten(), nn.Linear(32 * 4, 10))
+            return net, F.cross_entropy, digit_data(30, 48, s, "image"), opt_for(net, "adam", 2e-3)
+        out.append(EvalCase("healthy_cnn_pool_silu", h_pool, None))
     return out
 
 
@@ -531,8 +559,7 @@ def first_remedy_effect(case: EvalCase, finding: Finding) -> tuple[str, str]:
         t = TREATMENTS.get(remedy)
         if t is None or t.manual:
             return remedy, "manual"
-        follow, site, outputs = activation_map(base.probes)
-        ctx = {"follow": follow, "follow_site": site, "output_sites": outputs}
+        ctx = doctor._trial_context(base)
         clip = base.early_norm if math.isfinite(base.early_norm) and base.early_norm > 0 else 1.0
         time_axis = finding.evidence.get("axis") == "time"
         trial = doctor._trial(model, loss_fn, batches, opt, 0, base, remedy, ctx, clip, time_axis)

@@ -32,7 +32,7 @@ from gradguard.findings import Finding, HistorySummary, Report, Trial
 from gradguard.history import History, HistoryBuffer
 from gradguard.probe import Probe, ProbeSummary, param_infos
 from gradguard.stats import compute_stats
-from gradguard.treat import TREATMENTS, Treatment
+from gradguard.treat import LR_TARGET_RATIO, TREATMENTS, Treatment
 
 __all__ = ["Prescription", "activation_map", "diagnose", "prescribe"]
 
@@ -205,7 +205,10 @@ def _run(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Seque
     opt = None
     if optimizer is not None:
         t = treatment or Treatment("baseline")
-        opt = _clone_optimizer(original, m, optimizer, lr_factor=t.lr_factor, adam=t.adam)
+        factor = _lr_factor(t, ctx)
+        if factor != 1.0:
+            changed = [*changed, f"lr x{factor:.3g}"]
+        opt = _clone_optimizer(original, m, optimizer, lr_factor=factor, adam=t.adam)
         base_lrs = [g.get("lr") for g in opt.param_groups]
     n = len(batches)
     buf = HistoryBuffer(names, capacity=n, device=device)
@@ -270,6 +273,14 @@ def _run(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], batches: Seque
     finite = [v for v in hist.global_norm if math.isfinite(v)]
     early_norm = sorted(finite[:5])[len(finite[:5]) // 2] if finite else math.nan
     return _Run(hist, summary, findings, early_norm), changed
+
+
+def _lr_factor(t: Treatment, ctx: Mapping[str, Any] | None) -> float:
+    """The treatment's learning-rate factor; a measured update ratio can lower it further."""
+    ratio = (ctx or {}).get("update_ratio")
+    if t.lr_from_evidence and isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0:
+        return min(t.lr_factor, LR_TARGET_RATIO / ratio)
+    return t.lr_factor
 
 
 def _merge_windows(early: ProbeSummary | None, late: ProbeSummary, init_params: list[Any]
@@ -476,6 +487,17 @@ def _diagnose(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
                   metadata=_metadata(model, optimizer, base, n))
 
 
+def _trial_context(base: _Run) -> dict[str, Any]:
+    """What the treatments may use from the baseline run: the traced activation map and the
+    measured update ratio of a learning-rate finding."""
+    follow, follow_site, outputs = activation_map(base.probes)
+    ctx: dict[str, Any] = {"follow": follow, "follow_site": follow_site, "output_sites": outputs}
+    lr = next((f for f in base.findings if f.code == "learning_rate_too_high"), None)
+    if lr is not None:
+        ctx["update_ratio"] = float(lr.evidence.get("update_ratio", math.nan))
+    return ctx
+
+
 def _candidates(findings: Sequence[Finding]) -> list[str]:
     out: list[str] = []
     for f in findings:
@@ -489,8 +511,7 @@ def _try_remedies(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
                   batches: list[tuple[Any, Any]], optimizer: torch.optim.Optimizer | None,
                   seed: int, max_trials: int, base: _Run, progress: ProgressFn | None
                   ) -> list[Trial]:
-    follow, follow_site, outputs = activation_map(base.probes)
-    ctx = {"follow": follow, "follow_site": follow_site, "output_sites": outputs}
+    ctx = _trial_context(base)
     clip_norm = base.early_norm if math.isfinite(base.early_norm) and base.early_norm > 0 else 1.0
     time_axis = any(f.evidence.get("axis") == "time" for f in base.findings)
     trials: list[Trial] = []

@@ -7,8 +7,10 @@ activation function called inside a module's ``forward``, or a parameterised lay
 * **saturation** (sigmoid, tanh, hardtanh, hardsigmoid, softsign): the fraction of outputs pinned
   near a bound, i.e. where the local derivative is below 5% of the function's peak derivative
   (sigmoid: ``|z| > 4.37``; tanh: ``|y| > 0.975``);
-* **dead units** (ReLU family): for each unit (feature, or channel after a convolution), whether it
-  was ever positive over the sampled batches; the dead fraction is the share never positive;
+* **dead units** (ReLU family): for each unit (feature, or channel after a convolution), the share
+  of sampled outputs where it was positive; a unit positive on fewer than ``DEAD_ACTIVE`` (1%) of
+  them is dead (it passes gradient on almost no example), and the dead fraction is the share of
+  such units;
 * **scale**: the RMS of the output, and whether any output was non-finite.
 
 Activations called as functions (``torch.sigmoid(x)``, ``F.relu(x)``, ``x.tanh()`` inside
@@ -46,6 +48,8 @@ __all__ = [
 
 #: A unit counts as "pinned" where the activation's derivative is below this share of its peak.
 PINNED_DERIVATIVE = 0.05
+#: A ReLU unit is dead when it is positive on fewer than this share of the sampled outputs.
+DEAD_ACTIVE = 0.01
 
 _SATURATING_MODULES: dict[type[nn.Module], str] = {
     nn.Sigmoid: "sigmoid",
@@ -126,7 +130,8 @@ class SiteStats:
         calls: how many outputs were sampled.
         rms: root mean square of the outputs.
         saturated: share of outputs pinned near a bound (saturating sites; NaN otherwise).
-        dead: share of units never positive (ReLU-family sites; NaN otherwise).
+        dead: share of units positive on fewer than ``DEAD_ACTIVE`` of the sampled outputs
+            (ReLU-family sites; NaN otherwise).
         units: number of units the dead share is taken over (0 where not measured).
         nonfinite: whether any sampled output was NaN or Inf.
         is_output: whether this site produced the model's output (its saturation is by design).
@@ -254,7 +259,7 @@ class _Acc:
     """Device accumulators for one site."""
 
     __slots__ = ("name", "module", "op", "kind", "order", "calls", "sq", "count", "pinned",
-                 "bad", "active", "unit_dim", "is_output", "last_out")
+                 "bad", "active", "per_unit", "unit_dim", "is_output", "last_out")
 
     def __init__(self, name: str, module: str, op: str, kind: str, order: int) -> None:
         self.name, self.module, self.op, self.kind, self.order = name, module, op, kind, order
@@ -263,7 +268,8 @@ class _Acc:
         self.count = 0  # elements seen (host int: shapes are known on the host)
         self.pinned: Tensor | None = None  # count of pinned outputs
         self.bad: Tensor | None = None  # any non-finite output
-        self.active: Tensor | None = None  # per-unit "ever positive"
+        self.active: Tensor | None = None  # per unit: how many sampled outputs were positive
+        self.per_unit = 0  # sampled outputs per unit (host int)
         self.unit_dim: int | None = None
         self.is_output = False
         self.last_out: Tensor | None = None
@@ -389,6 +395,7 @@ class Probe:
         for acc in self._sites.values():
             acc.calls, acc.count = 0, 0
             acc.sq = acc.pinned = acc.bad = acc.active = None
+            acc.per_unit = 0
             acc.is_output = False
         self._temporal = {k: (op, None, 0) for k, (op, _, _) in self._temporal.items()}
         self._batches = 0
@@ -484,10 +491,11 @@ class Probe:
             dim = self._unit_dim(yd)
             pos = yd > 0
             other = [d for d in range(yd.ndim) if d != dim]
-            active = pos.amax(dim=other) if other else pos
+            active = pos.sum(dim=other, dtype=torch.float32) if other else pos.float()
             if acc.active is not None and acc.active.shape != active.shape:
-                acc.active = None  # the unit count changed (e.g. variable length): restart
-            acc.active = active if acc.active is None else acc.active | active
+                acc.active, acc.per_unit = None, 0  # the unit count changed: restart
+            acc.active = active if acc.active is None else acc.active + active
+            acc.per_unit += yd.numel() // max(1, yd.shape[dim])
             acc.unit_dim = dim
 
     def _unit_dim(self, y: Tensor) -> int:
@@ -569,9 +577,9 @@ class Probe:
                 s.nonfinite = bool(got.get("bad", 0.0))
             if "pinned" in got and a.count:
                 s.saturated = got["pinned"] / a.count
-            if "active" in got and got["active"]:
+            if "active" in got and got["active"] and a.per_unit:
                 s.units = len(got["active"])
-                s.dead = 1.0 - sum(got["active"]) / s.units
+                s.dead = sum(1 for v in got["active"] if v < DEAD_ACTIVE * a.per_unit) / s.units
             sites.append(s)
         temporal = []
         for name, op, b, n in temporal_items:

@@ -47,6 +47,8 @@ _ACT_MODULES = _SATURATING + (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReL
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                   nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
 _SCHEMES = ("auto", "he", "xavier", "orthogonal")
+#: the update/weight ratio a lowered learning rate aims at (CS231n: ~1e-3 is healthy)
+LR_TARGET_RATIO = 3e-3
 _RELU_OPS = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu",
              "silu", "mish"}
 
@@ -269,6 +271,8 @@ class Treatment:
         skip_spikes: skip steps whose gradient norm jumps far above its running median.
         warmup: ramp the learning rate up linearly over the first third of the steps.
         lr_factor: multiply every learning rate by this.
+        lr_from_evidence: when the doctor measured the update/weight ratio, lower the learning
+            rate further so that it would be about ``LR_TARGET_RATIO`` (``lr_factor`` at most).
         adam: replace the optimizer by Adam (lr 1e-3).
         manual: the remedy needs a code change the doctor cannot make (it is advised, not tried).
     """
@@ -280,6 +284,7 @@ class Treatment:
     skip_spikes: bool = False
     warmup: bool = False
     lr_factor: float = 1.0
+    lr_from_evidence: bool = False
     adam: bool = False
     manual: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -339,7 +344,7 @@ TREATMENTS: dict[str, Treatment] = {
         Treatment("skip_nonfinite_steps", skip_nonfinite=True),
         Treatment("spike_skipping", skip_spikes=True),
         Treatment("lr_schedule", warmup=True),
-        Treatment("lower_learning_rate", lr_factor=0.1),
+        Treatment("lower_learning_rate", lr_factor=0.1, lr_from_evidence=True),
         Treatment("raise_learning_rate", lr_factor=10.0),
         Treatment("adaptive_optimizer", adam=True),
         Treatment("residual_connections", manual=True),
