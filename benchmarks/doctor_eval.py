@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradguard import doctor
-from gradguard.detect import run_detectors  # noqa: F401  (documented entry point)
 from gradguard.doctor import diagnose
 from gradguard.findings import Finding
 

@@ -115,6 +115,13 @@ def test_one_batch_is_reused_and_examine_mode_without_optimizer() -> None:
     assert all(math.isnan(u) for u in report.history.update_ratio)
 
 
+def test_lang_sets_the_default_language_of_the_report() -> None:
+    case = next(c for c in SICK if c.name.startswith("mlp_sigmoid_old_d6"))
+    report = _diagnose(case, lang="ko")
+    assert "기울기 소실" in report.render() and "기울기 소실" in report.to_html()
+    assert "Vanishing gradients" in report.render("en")
+
+
 def test_try_remedies_measures_and_ranks() -> None:
     case = next(c for c in SICK if c.name.startswith("mlp_sigmoid_old_d6"))
     report = _diagnose(case, try_remedies=True)

@@ -92,7 +92,9 @@ def _is_batch(x: Any) -> bool:
 
 def _collect_batches(data: Any, n: int) -> list[tuple[Any, Any]]:
     """``n`` batches from one batch (reused) or an iterable of batches (cycled if short)."""
-    if _is_batch(data) and isinstance(data[0], Tensor):
+    one = _is_batch(data) and (isinstance(data[0], Tensor) or (
+        isinstance(data, tuple) and isinstance(data[1], Tensor) and isinstance(data[0], dict)))
+    if one:
         return [(data[0], data[1])] * n
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(

@@ -216,8 +216,9 @@ class Report:
         return next((f for f in self.findings if f.code == code), None)
 
     # -- text -----------------------------------------------------------------------------------
-    def render(self, lang: str = "en") -> str:
-        """The report as plain text for a terminal, in ``lang`` (``"en"`` or ``"ko"``).
+    def render(self, lang: str | None = None) -> str:
+        """The report as plain text for a terminal, in ``lang`` (``"en"`` or ``"ko"``; default:
+        the language given to ``diagnose``, else English).
 
         The library never prints: print the returned string yourself (the CLI does).
         """
@@ -279,12 +280,12 @@ class Report:
         return cls.from_dict(d)
 
     # -- HTML -----------------------------------------------------------------------------------
-    def to_html(self, path: str | Path | None = None, *, lang: str = "en") -> str:
+    def to_html(self, path: str | Path | None = None, *, lang: str | None = None) -> str:
         """One self-contained HTML page (inline CSS, PNG data URIs): findings, trials and plots.
 
         Args:
             path: write the page to this file when given.
-            lang: ``"en"`` or ``"ko"``.
+            lang: ``"en"`` or ``"ko"`` (default: the language given to ``diagnose``, else English).
 
         Returns:
             The HTML text.

@@ -27,7 +27,7 @@ the ``with`` block ends, also on an exception.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -589,6 +589,3 @@ class Probe:
             temporal.append(TemporalStats(name, op, [math.sqrt(v / n) for v in vals]))
         return ProbeSummary(sites=sites, temporal=temporal, params=param_infos(self.model),
                             batches=self._batches, module_order=list(self._module_order))
-
-    def __iter__(self) -> Iterator[SiteStats]:  # pragma: no cover - convenience
-        return iter(self.summary().sites)
