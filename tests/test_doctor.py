@@ -115,6 +115,21 @@ def test_one_batch_is_reused_and_examine_mode_without_optimizer() -> None:
     assert all(math.isnan(u) for u in report.history.update_ratio)
 
 
+def test_dataloader_is_accepted_and_cycled() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = digit_batches(1, bs=96, seed=5)[0]
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    torch.manual_seed(5)
+    model = mlp(8, 32, nn.Sigmoid, "old")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rng = torch.get_rng_state()
+    report = gg.diagnose(model, F.cross_entropy, loader, opt, steps=10)
+    assert torch.equal(rng, torch.get_rng_state())  # the shuffle drew inside the doctor's fork
+    assert report.metadata["steps"] == 10  # three batches, cycled
+    assert "vanishing_gradients" in report.codes
+
+
 def test_lang_sets_the_default_language_of_the_report() -> None:
     case = next(c for c in SICK if c.name.startswith("mlp_sigmoid_old_d6"))
     report = _diagnose(case, lang="ko")

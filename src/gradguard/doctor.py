@@ -433,13 +433,14 @@ def diagnose(
         raise TypeError(f"`try_remedies` must be a bool, got {type(try_remedies).__name__}.")
     _check_optimizer(model, optimizer)
     n = steps if optimizer is not None else min(steps, EXAM_BATCHES)
-    batches = _collect_batches(data, n)
     t0 = time.perf_counter()
     py_state = random.getstate()
     np_state = _numpy_state()
     devices = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
         with torch.random.fork_rng(devices=devices):
+            # inside the fork: a shuffling DataLoader draws from the global RNG
+            batches = _collect_batches(data, n)
             report = _diagnose(model, loss_fn, batches, optimizer, try_remedies, seed, max_trials,
                                progress)
     finally:
