@@ -48,7 +48,7 @@ TIME_MIN_STEPS = 8
 #: saturation: share of a site's outputs pinned near a bound.
 SATURATED_FRAC = 0.3
 SATURATED_ERROR = 0.6
-#: dead units: share of a ReLU site's units never positive over the sampled data.
+#: dead units: share of a ReLU site's units that are dead (positive on < 1% of the samples).
 DEAD_FRAC = 0.5
 DEAD_ERROR = 0.8
 DEAD_MIN_UNITS = 4

@@ -90,14 +90,15 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "Dead ReLU units",
         "text": {
             "init": (
-                "Up to {worst_pct} of the ReLU units in {n_layers} layers were never active on any "
-                "sampled example (mean {mean_pct}). A dead unit outputs 0 and gets 0 gradient, so "
-                "it cannot come back by itself."
+                "In {n_layers} layers, up to {worst_pct} of the ReLU units (mean {mean_pct}) were "
+                "active on fewer than 1% of the sampled examples. A dead unit outputs 0 and gets 0 "
+                "gradient, so it cannot come back by itself."
             ),
             "training": (
-                "ReLU units died during training: up to {worst_pct} of the units in {n_layers} "
-                "layers were never active over the last steps (mean {mean_pct}), many more than "
-                "at the start. Large updates pushed their inputs below zero for every example."
+                "ReLU units died during training: over the last steps, up to {worst_pct} of the "
+                "units in {n_layers} layers (mean {mean_pct}) were active on fewer than 1% of the "
+                "examples, many more than at the start. Large updates pushed their inputs below "
+                "zero for almost every example."
             ),
         },
     },
