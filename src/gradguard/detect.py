@@ -49,6 +49,7 @@ TIME_MIN_STEPS = 8
 SATURATED_FRAC = 0.3
 SATURATED_ERROR = 0.6
 #: dead units: share of a ReLU site's units that are dead (positive on < 1% of the samples).
+#: Half: a healthy 16-layer, 32-wide He-initialised ReLU net showed 44% in one deep layer at init.
 DEAD_FRAC = 0.5
 DEAD_ERROR = 0.8
 DEAD_MIN_UNITS = 4
