@@ -99,7 +99,6 @@ REMEDIES = (
 _NORM_TOKEN = re.compile(r"(^|[._])(bn|ln|gn|norm|batchnorm|layernorm|groupnorm|rmsnorm)\w*$",
                          re.IGNORECASE)
 _NORM_TYPES = re.compile(r"Norm", re.IGNORECASE)
-_RNN_PARAM = re.compile(r"^(weight|bias)_(ih|hh|hr)_l\d+(_reverse)?$")
 
 
 def _layer_of(name: str) -> str:
