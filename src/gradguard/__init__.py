@@ -12,6 +12,8 @@ from gradguard.clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from gradguard.doctor import diagnose
+from gradguard.findings import Finding, Report
 from gradguard.guard import Guard, GuardError, StepOutcome
 from gradguard.history import History
 from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
@@ -25,12 +27,14 @@ __all__ = [
     "AGC",
     "AutoClip",
     "CSVSink",
+    "Finding",
     "FixedClip",
     "GradStats",
     "Guard",
     "GuardError",
     "History",
     "JSONLSink",
+    "Report",
     "SpikePolicy",
     "StepOutcome",
     "TensorBoardSink",
@@ -41,6 +45,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "diagnose",
     "get_total_norm",
     "grad_stats",
 ]

@@ -1,0 +1,118 @@
+"""Rich output shared by ``gradguard doctor``, ``report`` and ``demo`` (the CLI owns the terminal)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from gradguard import messages as M
+from gradguard.findings import Report
+
+_SEV_STYLE = {"error": "bold red", "warning": "bold yellow", "info": "bold blue"}
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def error(msg: str) -> int:
+    """Print a usage error to stderr (no wrapping, no markup); returns exit status 2."""
+    from rich.console import Console
+
+    text = msg if msg.startswith("error:") else f"error: {msg}"
+    Console(stderr=True, highlight=False).print(text, style="red", markup=False, soft_wrap=True)
+    return 2
+
+
+def add_lang(parser: Any) -> None:
+    parser.add_argument("--lang", choices=M.LANGS, default="en",
+                        help="language of the findings: en (English) or ko (Korean)")
+
+
+def print_report(con: Any, report: Report, lang: str, *, snippets: bool = True) -> None:
+    """Findings as rich panels, then the trials table."""
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+    from rich.console import Group
+    from rich.text import Text
+
+    con.print(f"[bold]{escape(M.ui('report_title', lang))}[/bold] — "
+              f"{escape(M.run_line(report, lang))}")
+    if not report.findings:
+        con.print(f"[bold green]{escape(M.ui('healthy', lang))}[/bold green]")
+    for k, f in enumerate(report.findings, 1):
+        sev = f.severity.value
+        parts: list[Any] = [
+            Text.from_markup(f"[bold]{escape(M.ui('layers', lang))}:[/bold] "
+                             f"{escape(M.format_layers(f.layers, lang))}"),
+            Text(M.finding_text(f, lang)),
+        ]
+        if f.causes:
+            parts.append(Text.from_markup(
+                f"[bold]{escape(M.ui('causes', lang))}:[/bold] "
+                + escape("; ".join(M.cause_title(c, lang) for c in f.causes))))
+        if f.remedies:
+            lines = []
+            for i, r in enumerate(f.remedies[:4], 1):
+                tried = next((t for t in f.trials if t.remedy == r), None)
+                effect = f" [dim]\\[{escape(M.trial_effect(tried, lang))}][/dim]" if tried else ""
+                lines.append(f"  {i}. {escape(M.remedy_title(r, lang))}{effect}")
+            parts.append(Text.from_markup(f"[bold]{escape(M.ui('remedies', lang))}:[/bold]\n"
+                                          + "\n".join(lines)))
+            if snippets and M.remedy_snippet(f.remedies[0], lang):
+                parts.append(Syntax(M.remedy_snippet(f.remedies[0], lang), "python",
+                                    theme="ansi_dark", background_color="default"))
+        title = (f"[{_SEV_STYLE.get(sev, 'bold')}]{k}. {escape(M.severity_label(sev, lang))}"
+                 f"[/] {escape(M.finding_title(f.code, lang))} [dim]({f.code})[/dim]")
+        con.print(Panel(Group(*parts), title=title, title_align="left", expand=True))
+    if report.trials:
+        con.print(trials_table(report, lang))
+
+
+def trials_table(report: Report, lang: str) -> Any:
+    from rich.table import Table
+
+    time_axis = any(f.evidence.get("axis") == "time" for f in report.findings)
+    t = Table(title=M.ui("trials", lang), caption=M.ui("trials_intro", lang))
+    t.add_column(M.ui("col_remedy", lang))
+    t.add_column(M.ui("col_time" if time_axis else "col_flow", lang), justify="right")
+    t.add_column(M.ui("col_loss", lang), justify="right")
+    t.add_column(M.ui("col_left", lang))
+    t.add_column(M.ui("col_effect", lang))
+    md = report.metadata
+    t.add_row(M.ui("baseline", lang), M.fmt_num(md.get("baseline_time" if time_axis else "baseline_flow", math.nan)),
+              M.fmt_num(md.get("baseline_loss", math.nan)), ", ".join(report.codes) or "-", "",
+              style="dim")
+    for tr in report.trials:
+        if tr.applied:
+            flow = tr.time_ratio if time_axis else tr.flow_ratio
+            style = "green" if tr.improved else ""
+            t.add_row(M.remedy_title(tr.remedy, lang), M.fmt_num(flow), M.fmt_num(tr.final_loss),
+                      ", ".join(tr.findings) or M.ui("none", lang), M.trial_effect(tr, lang),
+                      style=style)
+        else:
+            t.add_row(M.remedy_title(tr.remedy, lang), "", "", "", M.trial_effect(tr, lang),
+                      style="dim")
+    return t
+
+
+@contextmanager
+def progress_bar(con: Any, label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar fed by ``diagnose(progress=...)`` callbacks."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=con, transient=True) as prog:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(f"{label}: {stage}", total=total)
+            prog.update(tasks[stage], completed=done)
+
+        yield update

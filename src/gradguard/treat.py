@@ -1,0 +1,354 @@
+"""Model-level remedies the doctor applies to a *copy* of a model, and the recipes it can try.
+
+Functions that change a model end with ``_`` and change it in place; the doctor always hands them
+a deep copy. Each returns the qualified names of what it changed (an empty list means "nothing
+here to change", and the doctor then reports the remedy as not applicable).
+
+* :func:`reinit_` — re-initialise weight layers by the activation that follows each one:
+  He (Kaiming) before ReLU-family units, Xavier (Glorot, with the activation's gain) before
+  sigmoid/tanh and before the output, orthogonal recurrent matrices; biases to zero (an LSTM's
+  forget-gate bias to one).
+* :func:`swap_activations_` — replace activation *modules* (``nn.Sigmoid``, ``nn.Tanh``, ...) by a
+  ReLU-family one. **Activation functions called inside ``forward``** (``torch.sigmoid(x)``,
+  ``F.tanh(x)``) **cannot be swapped** from outside: they are part of the code, not of the module
+  tree. The probe still sees them; change the code to change them.
+* :func:`insert_batch_norm_` — add a batch normalisation between a linear/convolutional layer and
+  the activation module that follows it inside an ``nn.Sequential``.
+* :func:`swap_recurrent_` — replace ``nn.RNN`` by an ``nn.GRU`` of the same sizes (same call
+  signature and outputs, so the surrounding code keeps working).
+
+:data:`TREATMENTS` maps each remedy code to a :class:`Treatment`: the model change (if any) plus
+the training-loop changes (clipping, skipping, warm-up, learning-rate factor, optimizer swap) the
+doctor applies when it tries the remedy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TREATMENTS",
+    "Treatment",
+    "insert_batch_norm_",
+    "reinit_",
+    "swap_activations_",
+    "swap_recurrent_",
+]
+
+_SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
+_ACT_MODULES = _SATURATING + (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU,
+                              nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish)
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                  nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear)
+_SCHEMES = ("auto", "he", "xavier", "orthogonal")
+#: the update/weight ratio a lowered learning rate aims at (CS231n: ~1e-3 is healthy)
+LR_TARGET_RATIO = 3e-3
+_RELU_OPS = {"relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "celu", "selu", "gelu",
+             "silu", "mish"}
+
+
+def _gain(op: str | None) -> float:
+    if op in ("tanh", "hardtanh", "softsign"):
+        return nn.init.calculate_gain("tanh")
+    if op in ("sigmoid", "hardsigmoid") or op is None:
+        return 1.0
+    if op == "leaky_relu":
+        return nn.init.calculate_gain("leaky_relu", 0.01)
+    if op == "selu":
+        return nn.init.calculate_gain("selu")
+    return nn.init.calculate_gain("relu")
+
+
+@torch.no_grad()
+def reinit_(model: nn.Module, scheme: str = "auto", *,
+            follow: Mapping[str, str | None] | None = None) -> list[str]:
+    """Re-initialise every weight layer of ``model`` in place.
+
+    Args:
+        model (nn.Module): the model (the doctor passes a copy).
+        scheme (str, optional): ``"auto"`` (He before ReLU-family units, Xavier before
+            sigmoid/tanh and the output, orthogonal recurrent matrices), ``"he"``, ``"xavier"``
+            or ``"orthogonal"``. Default: ``"auto"``.
+        follow (Mapping[str, str | None], optional): for each layer's qualified name, the
+            activation op that follows it (``"relu"``, ``"tanh"``, ``None`` for the output), as
+            :func:`gradguard.doctor.activation_map` traces it. Without it, ``nn.Sequential``
+            neighbours are used and layers with no known activation count as ReLU layers.
+
+    Returns:
+        list[str]: the qualified names of the re-initialised modules.
+
+    References:
+        Glorot & Bengio 2010 (Xavier); He et al. 2015 (He/Kaiming); Saxe et al. 2014
+        (orthogonal).
+    """
+    if scheme not in _SCHEMES:
+        raise ValueError(f"`scheme` must be one of {_SCHEMES}, got {scheme!r}.")
+    fmap = dict(follow) if follow is not None else _sequential_follow(model)
+    changed = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _WEIGHT_LAYERS):
+            op = fmap[name] if name in fmap else ("relu" if follow is None else None)
+            w = mod.weight
+            if scheme == "he" or (scheme == "auto" and op in _RELU_OPS):
+                nn.init.kaiming_normal_(w, nonlinearity="relu")
+            elif scheme == "orthogonal":
+                _orthogonal(w, _gain(op))
+            else:  # xavier, or auto before a saturating activation / the output
+                nn.init.xavier_normal_(w, gain=_gain(op))
+            if getattr(mod, "bias", None) is not None:
+                nn.init.zeros_(mod.bias)
+            changed.append(name)
+        elif isinstance(mod, nn.RNNBase):
+            h = mod.hidden_size
+            for pname, p in mod.named_parameters(recurse=False):
+                if pname.startswith("weight_hh"):
+                    for k in range(p.shape[0] // h):
+                        nn.init.orthogonal_(p[k * h:(k + 1) * h])
+                elif pname.startswith("weight"):
+                    nn.init.xavier_uniform_(p)
+                elif pname.startswith("bias"):
+                    nn.init.zeros_(p)
+                    if isinstance(mod, nn.LSTM) and pname.startswith("bias_ih"):
+                        p[h:2 * h].fill_(1.0)  # forget gate open at the start
+            changed.append(name)
+    return changed
+
+
+def _orthogonal(w: torch.Tensor, gain: float) -> None:
+    if w.ndim < 2:
+        nn.init.normal_(w, 0, gain / math.sqrt(max(1, w.numel())))
+    else:
+        nn.init.orthogonal_(w, gain=gain)
+
+
+def _sequential_follow(model: nn.Module) -> dict[str, str | None]:
+    """Activation op following each weight layer among ``nn.Sequential`` neighbours."""
+    from gradguard.probe import _module_op
+
+    out: dict[str, str | None] = {}
+    for pname, mod in model.named_modules():
+        if not isinstance(mod, nn.Sequential):
+            continue
+        children = list(mod.named_children())
+        for i, (cname, child) in enumerate(children):
+            if not isinstance(child, _WEIGHT_LAYERS):
+                continue
+            op = None
+            for _, nxt in children[i + 1:]:
+                if isinstance(nxt, _WEIGHT_LAYERS):
+                    break
+                op = _module_op(nxt) or op
+                if op:
+                    break
+            out[f"{pname}.{cname}" if pname else cname] = op
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def swap_activations_(model: nn.Module, to: str = "relu", *,
+                      kinds: tuple[type[nn.Module], ...] = _SATURATING,
+                      skip: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Replace activation modules of the given ``kinds`` by ``to``, in place.
+
+    Only modules are swapped: an activation called as a function inside ``forward``
+    (``torch.sigmoid(x)``) is code, and stays as it is.
+
+    Args:
+        model (nn.Module): the model (the doctor passes a copy).
+        to (str, optional): ``"relu"``, ``"leaky_relu"``, ``"gelu"`` or ``"elu"``. Default: ``"relu"``.
+        kinds (tuple of module classes, optional): what to replace. Default: sigmoid, tanh,
+            hardtanh, hardsigmoid, softsign.
+        skip (set of str, optional): qualified names to keep (e.g. the output activation).
+
+    Returns:
+        list[str]: the qualified names of the swapped modules.
+    """
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "gelu": nn.GELU, "elu": nn.ELU,
+    }
+    if to not in makers:
+        raise ValueError(f"`to` must be one of {sorted(makers)}, got {to!r}.")
+    targets = [n for n, m in model.named_modules()
+               if n and type(m) in kinds and n not in skip]
+    for n in targets:
+        _replace(model, n, makers[to]())
+    return targets
+
+
+class _FeatureBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last (feature) dimension, for inputs of any rank."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.ndim == 2:
+            return super().forward(x)
+        shape = x.shape
+        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+def insert_batch_norm_(model: nn.Module) -> list[str]:
+    """Insert batch normalisation after each linear/conv layer followed by an activation module.
+
+    Only ``nn.Sequential`` containers are edited (elsewhere the data flow lives in ``forward``).
+
+    Returns:
+        list[str]: qualified names of the layers that got a normalisation after them.
+    """
+    from gradguard.probe import _module_op
+
+    changed = []
+    for pname, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        new: list[nn.Module] = []
+        touched = False
+        for i, (cname, child) in enumerate(children):
+            new.append(child)
+            nxt = children[i + 1][1] if i + 1 < len(children) else None
+            if nxt is None or _module_op(nxt) is None:
+                continue
+            norm: nn.Module | None = None
+            if isinstance(child, nn.Linear):
+                norm = _FeatureBatchNorm(child.out_features)
+            elif isinstance(child, nn.Conv2d):
+                norm = nn.BatchNorm2d(child.out_channels)
+            elif isinstance(child, nn.Conv1d):
+                norm = nn.BatchNorm1d(child.out_channels)
+            if norm is not None:
+                p = next(child.parameters())
+                new.append(norm.to(device=p.device, dtype=p.dtype))
+                changed.append(f"{pname}.{cname}" if pname else cname)
+                touched = True
+        if touched:
+            # rebuild in place so that references to the container stay valid
+            for key in list(seq._modules):
+                del seq._modules[key]
+            for k, m in enumerate(new):
+                seq.add_module(str(k), m)
+    return changed
+
+
+def swap_recurrent_(model: nn.Module) -> list[str]:
+    """Replace every ``nn.RNN`` by an ``nn.GRU`` of the same sizes, in place.
+
+    A GRU takes the same arguments and returns the same ``(output, h_n)`` pair, so the code
+    around it keeps working; an LSTM would return ``(h_n, c_n)`` and break it.
+
+    Returns:
+        list[str]: qualified names of the swapped modules.
+    """
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.RNN]
+    for n, m in targets:
+        p = next(m.parameters())
+        gru = nn.GRU(m.input_size, m.hidden_size, num_layers=m.num_layers, bias=m.bias,
+                     batch_first=m.batch_first, dropout=m.dropout,
+                     bidirectional=m.bidirectional).to(device=p.device, dtype=p.dtype)
+        _replace(model, n, gru)
+    return [n for n, _ in targets]
+
+
+@dataclass(frozen=True)
+class Treatment:
+    """How the doctor tries one remedy code on a copy of the model.
+
+    Attributes:
+        code: the remedy code.
+        model_fn: changes the model copy in place and returns what it changed (None: no model
+            change). Called as ``model_fn(model, context)`` with the traced activation map.
+        clip: clip the global gradient norm (at the median of the baseline's early norms).
+        skip_nonfinite: skip steps whose gradients are not finite.
+        skip_spikes: skip steps whose gradient norm jumps far above its running median.
+        warmup: ramp the learning rate up linearly over the first third of the steps.
+        lr_factor: multiply every learning rate by this.
+        lr_from_evidence: when the doctor measured the update/weight ratio, lower the learning
+            rate further so that it would be about ``LR_TARGET_RATIO`` (``lr_factor`` at most).
+        adam: replace the optimizer by Adam (lr 1e-3).
+        manual: the remedy needs a code change the doctor cannot make (it is advised, not tried).
+    """
+
+    code: str
+    model_fn: Callable[[nn.Module, Mapping[str, Any]], list[str]] | None = None
+    clip: bool = False
+    skip_nonfinite: bool = False
+    skip_spikes: bool = False
+    warmup: bool = False
+    lr_factor: float = 1.0
+    lr_from_evidence: bool = False
+    adam: bool = False
+    manual: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_optimizer(self) -> bool:
+        """Whether the remedy only acts through training (clipping, LR, optimizer)."""
+        return self.model_fn is None and not self.manual
+
+
+def _relu_family(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    follow: dict[str, str | None] = dict(ctx.get("follow", {}))
+    swapped = swap_activations_(model, "relu", skip=set(ctx.get("output_sites", ())))
+    if not swapped:
+        return []
+    after = ctx.get("follow_site", {})
+    for layer, site in after.items():
+        if site in swapped:
+            follow[layer] = "relu"
+    reinit_(model, "auto", follow=follow)
+    return swapped
+
+
+def _leaky(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return swap_activations_(model, "leaky_relu", kinds=(nn.ReLU, nn.ReLU6),
+                             skip=set(ctx.get("output_sites", ())))
+
+
+def _reinit(scheme: str) -> Callable[[nn.Module, Mapping[str, Any]], list[str]]:
+    def fn(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+        follow = ctx.get("follow")
+        return reinit_(model, scheme, follow=follow if follow else None)
+
+    return fn
+
+
+def _batch_norm(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return insert_batch_norm_(model)
+
+
+def _gated(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return swap_recurrent_(model)
+
+
+#: remedy code -> how to try it. Codes marked ``manual`` are advised, never tried automatically.
+TREATMENTS: dict[str, Treatment] = {
+    t.code: t
+    for t in (
+        Treatment("relu_family", _relu_family),
+        Treatment("he_init", _reinit("he")),
+        Treatment("xavier_init", _reinit("xavier")),
+        Treatment("orthogonal_init", _reinit("orthogonal")),
+        Treatment("batch_norm", _batch_norm),
+        Treatment("gated_recurrence", _gated),
+        Treatment("leaky_relu", _leaky),
+        Treatment("gradient_clipping", clip=True),
+        Treatment("skip_nonfinite_steps", skip_nonfinite=True),
+        Treatment("spike_skipping", skip_spikes=True),
+        Treatment("lr_schedule", warmup=True),
+        Treatment("lower_learning_rate", lr_factor=0.1, lr_from_evidence=True),
+        Treatment("raise_learning_rate", lr_factor=10.0),
+        Treatment("adaptive_optimizer", adam=True),
+        Treatment("residual_connections", manual=True),
+        Treatment("stable_loss", manual=True),
+        Treatment("weight_decay", manual=True),
+    )
+}
