@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv browser test bench bench-quick clean
+.PHONY: venv demo browser test bench bench-quick lab clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,19 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 
+$(VENV)/.installed-report: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -q -e ".[report]"
+	@touch $@
+
 venv: $(VENV)/.installed-dev
+
+# The main job: a deliberately sick network is diagnosed, the remedies are tried, the best one trains.
+demo: $(VENV)/.installed-report
+	$(VENV)/bin/gradguard demo
+
+# The full lab (every textbook claim, about 15 minutes on 2 cores): lab-out/report.html
+lab: $(VENV)/.installed-report
+	$(VENV)/bin/gradguard lab -o lab-out
 
 # Headless Chromium (Debian's package) for the tests that open the HTML reports as a person would.
 browser:
