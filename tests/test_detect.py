@@ -258,7 +258,7 @@ def _guard_like_run(model: nn.Module, opt: torch.optim.Optimizer, batches: list,
 
 
 def test_recorded_lstm_run_with_clipping_is_healthy(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from gallery import adding_batches
+    from tests.gallery import adding_batches
 
     torch.manual_seed(5)
     model = _LSTM()
@@ -272,7 +272,7 @@ def test_recorded_lstm_run_with_clipping_is_healthy(tmp_path) -> None:  # type: 
 
 
 def test_recorded_run_that_diverges() -> None:
-    from gallery import digit_batches, mlp
+    from tests.gallery import digit_batches, mlp
 
     torch.manual_seed(6)
     model = mlp(3, 32, nn.ReLU, "he")

@@ -16,7 +16,7 @@ import gradguard as gg
 from gradguard.detect import CAUSES, REMEDIES
 from gradguard.doctor import activation_map, prescribe
 
-from gallery import Case, cases, digit_batches, mlp
+from tests.gallery import Case, cases, digit_batches, mlp
 
 torch.set_num_threads(1)
 
@@ -155,7 +155,7 @@ def test_try_remedies_measures_and_ranks() -> None:
 
 
 def test_try_remedies_without_optimizer_skips_training_remedies() -> None:
-    from gallery import SeqModel, adding_batches
+    from tests.gallery import SeqModel, adding_batches
 
     torch.manual_seed(2)
     model = SeqModel(nn.RNN, 24)
@@ -187,7 +187,7 @@ def test_prescribe_returns_treated_copy() -> None:
 
 
 def test_activation_map_traces_functional_calls() -> None:
-    from gallery import FunctionalSigmoidMLP
+    from tests.gallery import FunctionalSigmoidMLP
     from gradguard.probe import Probe
 
     net = FunctionalSigmoidMLP(3, 8)

@@ -15,7 +15,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.findings import Finding, HistorySummary, Report, Severity, Trial
 
-from gallery import digit_batches, mlp
+from tests.gallery import digit_batches, mlp
 
 torch.set_num_threads(1)
 
