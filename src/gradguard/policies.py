@@ -401,18 +401,27 @@ class AGC(ClipPolicy):
         self._hooks = []
         self._trace = []
 
+    def _bound(self) -> tuple[nn.Module, ParamPlan]:
+        """The model and plan from :meth:`bind`; a clear error where the policy was never bound."""
+        if self._model is None or self._plan is None:
+            raise RuntimeError(
+                "AGC is not bound to a model: use it through a Guard, "
+                "gg.Guard(model, clip=gg.AGC(...)), or call bind(model, plan) before clip_()."
+            )
+        return self._model, self._plan
+
     def _set_head(self, module_name: str, how: str) -> None:
-        assert self._model is not None and self._plan is not None  # internal invariant
-        head = self._model.get_submodule(module_name)
+        model, plan = self._bound()
+        head = model.get_submodule(module_name)
         ids = {id(p) for p in head.parameters()}
-        self._excluded = {i for i, p in enumerate(self._plan.params) if id(p) in ids}
+        self._excluded = {i for i, p in enumerate(plan.params) if id(p) in ids}
         log.info("AGC: excluding head %r (%s): %s", module_name, how, self.excluded)
 
     def _fallback_head(self) -> None:
-        assert self._model is not None  # internal invariant
+        model, _ = self._bound()
         self._remove_hooks()
         last = None
-        for name, mod in self._model.named_modules():
+        for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
                 last = name
         if last is None:
