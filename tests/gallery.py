@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -258,6 +258,17 @@ def _mlp_case(depth: int, width: int, act: type[nn.Module], init: str, *, seed: 
     return build
 
 
+def _seq_case(cell: type[nn.RNNBase], T: int, *, seed: int,
+              opt: Callable[..., torch.optim.Optimizer], recurrent_scale: float | None = None) -> Build:
+    """A 32-unit ``cell`` on the adding problem of length ``T``; ``opt(params)`` is its optimizer."""
+    def build() -> tuple[nn.Module, Any, Any, Any]:
+        torch.manual_seed(seed)
+        net = SeqModel(cell, 32, recurrent_scale=recurrent_scale)
+        return net, F.mse_loss, adding_batches(30, T=T, seed=seed), opt(net.parameters())
+
+    return build
+
+
 def _hidden(depth: int) -> tuple[str, ...]:
     """Names of the Linear layers in an mlp() Sequential without norms: 0, 2, 4, ..."""
     return tuple(str(2 * i) for i in range(depth + 1))
@@ -322,17 +333,12 @@ def cases() -> list[Case]:
     out.append(Case("cnn_sigmoid_old", sig_cnn, "vanishing_gradients", include=("0",),
                     exclude=("13",), remedy=("relu_family",)))
     # vanilla RNN, long sequences: gradient vanishes through time
-    def rnn_vanish() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(15)
-        net = SeqModel(nn.RNN, 32)
-        return net, F.mse_loss, adding_batches(30, T=40, seed=15), torch.optim.SGD(net.parameters(), lr=0.05)
+    rnn_vanish = _seq_case(nn.RNN, 40, seed=15, opt=partial(torch.optim.SGD, lr=0.05))
     out.append(Case("rnn_vanishing_time", rnn_vanish, "vanishing_gradients", include=("rnn",),
                     exclude=("fc",), remedy=("gated_recurrence", "orthogonal_init")))
     # vanilla RNN with a large recurrent matrix: exploding through time
-    def rnn_explode() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(16)
-        net = SeqModel(nn.RNN, 32, recurrent_scale=2.5)
-        return net, F.mse_loss, adding_batches(30, T=30, seed=16), torch.optim.SGD(net.parameters(), lr=0.05)
+    rnn_explode = _seq_case(nn.RNN, 30, seed=16, opt=partial(torch.optim.SGD, lr=0.05),
+                            recurrent_scale=2.5)
     out.append(Case("rnn_exploding_time", rnn_explode, "exploding_gradients", include=("rnn",),
                     remedy=("gradient_clipping", "orthogonal_init")))
     # a transformer without pre-norm and a huge learning rate: the loss goes non-finite or explodes
@@ -382,11 +388,8 @@ def cases() -> list[Case]:
         return net, F.cross_entropy, digit_batches(30, seed=26, shape="image"), torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     out.append(Case("healthy_cnn_bn", good_cnn, None))
 
-    def lstm() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(27)
-        net = SeqModel(nn.LSTM, 32)
-        return net, F.mse_loss, adding_batches(30, T=30, seed=27), torch.optim.Adam(net.parameters(), lr=1e-2)
-    out.append(Case("healthy_lstm", lstm, None))
+    out.append(Case("healthy_lstm", _seq_case(nn.LSTM, 30, seed=27, opt=partial(torch.optim.Adam, lr=1e-2)),
+                    None))
 
     def transformer() -> tuple[nn.Module, Any, Any, Any]:
         torch.manual_seed(28)
@@ -394,9 +397,6 @@ def cases() -> list[Case]:
         return net, seq_ce, token_batches(30, seed=28), torch.optim.AdamW(net.parameters(), lr=3e-3)
     out.append(Case("healthy_transformer_prenorm", transformer, None))
 
-    def shallow_rnn() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(29)
-        net = SeqModel(nn.RNN, 32)
-        return net, F.mse_loss, adding_batches(30, T=6, seed=29), torch.optim.Adam(net.parameters(), lr=3e-3)
-    out.append(Case("healthy_short_rnn", shallow_rnn, None))
+    out.append(Case("healthy_short_rnn", _seq_case(nn.RNN, 6, seed=29, opt=partial(torch.optim.Adam, lr=3e-3)),
+                    None))
     return out
