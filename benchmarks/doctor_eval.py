@@ -16,6 +16,9 @@ gallery uses 0-29 and other sizes) — and measures:
   or a diverged run stays finite. Remedies that need a code change (``stable_loss``,
   ``residual_connections``) cannot be tried automatically and are reported separately.
 
+The networks and data are built with the test gallery's functions (``tests/gallery.py``); only
+its builders are shared, never its cases, seeds or sizes.
+
 Run:  PYTHONPATH=src python benchmarks/doctor_eval.py [--n 2] [--json out.json]
 """
 
@@ -29,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,145 +43,34 @@ from gradguard import doctor
 from gradguard.doctor import diagnose
 from gradguard.findings import Finding
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
+from tests.gallery import (  # noqa: E402  (the builders only)
+    ResidualMLP,
+    SeqModel,
+    adding_batches,
+    cnn,
+    digit_batches,
+    init_linear,
+    mlp,
+    seq_ce,
+    token_batches,
+)
+
 torch.set_num_threads(1)
 
 
-# -- data -----------------------------------------------------------------------------------------
-_DIGITS: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    global _DIGITS
-    if _DIGITS is None:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.tensor(d.data, dtype=torch.float32)
-        _DIGITS = ((x - x.mean(0)) / (x.std(0) + 1e-6), torch.tensor(d.target))
-    return _DIGITS
-
-
-def digit_data(n: int, bs: int, seed: int, shape: str = "flat") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = digits()
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        i = torch.randint(0, len(x), (bs,), generator=g)
-        xb = x[i]
-        if shape == "image":
-            xb = xb.view(-1, 1, 8, 8)
-        elif shape == "seq":
-            xb = xb.view(-1, 8, 8)  # 8 rows as 8 channels of length 8 (Conv1d)
-        out.append((xb, y[i]))
-    return out
-
-
-def adding(n: int, T: int, bs: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        v = torch.rand(bs, T, generator=g)
-        m = torch.zeros(bs, T)
-        a = torch.randint(0, T // 2, (bs,), generator=g)
-        b = torch.randint(T // 2, T, (bs,), generator=g)
-        m[torch.arange(bs), a] = 1
-        m[torch.arange(bs), b] = 1
-        out.append((torch.stack([v, m], -1), (v * m).sum(1, keepdim=True)))
-    return out
-
-
-def tokens(n: int, vocab: int, T: int, bs: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        start = torch.randint(0, vocab, (bs, 1), generator=g)
-        seq = (start + torch.arange(T + 1) * 5) % vocab
-        noise = torch.rand(bs, T + 1, generator=g) < 0.05
-        seq = torch.where(noise, torch.randint(0, vocab, (bs, T + 1), generator=g), seq)
-        out.append((seq[:, :-1], seq[:, 1:]))
-    return out
-
-
 # -- models ---------------------------------------------------------------------------------------
-def init_(m: nn.Module, how: str, bias: float | None = 0.0) -> None:
-    for mod in m.modules():
-        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            fan_in = mod.weight[0].numel()
-            if how == "old":
-                nn.init.uniform_(mod.weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-            elif how == "he":
-                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            elif how == "he_uniform":
-                nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu")
-            elif how == "xavier":
-                nn.init.xavier_uniform_(mod.weight)
-            elif how == "xavier_tanh":
-                nn.init.xavier_uniform_(mod.weight, gain=5 / 3)
-            elif how.startswith("std:"):
-                nn.init.normal_(mod.weight, 0.0, float(how[4:]))
-            if mod.bias is not None and bias is not None:
-                nn.init.constant_(mod.bias, bias)
-
-
-def mlp(d_in: int, depth: int, width: int, act: Callable[[], nn.Module], d_out: int = 10,
-        norm: str | None = None) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    n = d_in
-    for _ in range(depth):
-        layers.append(nn.Linear(n, width))
-        if norm == "bn":
-            layers.append(nn.BatchNorm1d(width))
-        elif norm == "ln":
-            layers.append(nn.LayerNorm(width))
-        layers.append(act())
-        n = width
-    layers.append(nn.Linear(n, d_out))
-    return nn.Sequential(*layers)
-
-
-class Residual(nn.Module):
-    def __init__(self, blocks: int, width: int, act: Callable[[], nn.Module]) -> None:
-        super().__init__()
-        self.inp = nn.Linear(64, width)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width),
-                                                  act(), nn.Linear(2 * width, width))
-                                    for _ in range(blocks))
-        self.out = nn.Linear(width, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for b in self.blocks:
-            h = h + b(h)
-        return self.out(h)
-
-
 class SqrtHead(nn.Module):
     """sqrt(h - min(h)): finite forward, but d sqrt at 0 is inf, and inf - inf = NaN going back."""
 
     def __init__(self, depth: int, width: int) -> None:
         super().__init__()
-        self.body = mlp(64, depth, width, nn.ReLU, d_out=width)
+        self.body = mlp(depth, width, nn.ReLU, d_out=width)
         self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
         return self.head(torch.sqrt(h - h.min(-1, keepdim=True).values))
-
-
-class Recurrent(nn.Module):
-    def __init__(self, cell: type[nn.RNNBase], hidden: int, scale: float | None = None,
-                 layers: int = 1) -> None:
-        super().__init__()
-        self.rnn = cell(2, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, 1)
-        if scale is not None:
-            with torch.no_grad():
-                for name, p in self.rnn.named_parameters():
-                    if name.startswith("weight_hh"):
-                        p.normal_(0.0, scale / math.sqrt(hidden))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0][:, -1])
 
 
 class LM(nn.Module):
@@ -196,22 +89,6 @@ class LM(nn.Module):
         T = x.shape[1]
         h = self.tok(x) + self.pos(torch.arange(T))
         return self.out(self.ln(self.blocks(h, mask=self.mask[:T, :T], is_causal=True)))
-
-
-def lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
-def conv2d(depth: int, ch: int, act: Callable[[], nn.Module], bn: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    c = 1
-    for _ in range(depth):
-        layers.append(nn.Conv2d(c, ch, 3, padding=1))
-        if bn:
-            layers.append(nn.BatchNorm2d(ch))
-        layers.append(act())
-        c = ch
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(ch * 64, 10))
 
 
 def conv1d(depth: int, ch: int, act: Callable[[], nn.Module]) -> nn.Sequential:
@@ -295,27 +172,24 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def b_sig(s=s, depth=depth, width=width, ok=ok, lr=lr):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, width, nn.Sigmoid)
-            init_(net, "old")
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, ok, lr if ok != "adam" else 1e-3)
+            net = mlp(depth, width, nn.Sigmoid, "old")
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, ok, lr if ok != "adam" else 1e-3)
         out.append(EvalCase(f"sigmoid_mlp_old_d{depth}_w{width}_{ok}", b_sig, "vanishing_gradients", early))
 
         s, depth, std = seed(), rng.choice([6, 8, 10]), rng.choice([0.005, 0.02, 0.04])
 
         def b_tanh_small(s=s, depth=depth, std=std):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, 48, nn.Tanh)
-            init_(net, f"std:{std}")
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd", 0.05)
+            net = mlp(depth, 48, nn.Tanh, f"normal:{std}")
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, "sgd", 0.05)
         out.append(EvalCase(f"tanh_mlp_std{std}_d{depth}", b_tanh_small, "vanishing_gradients", early))
 
         s, depth, width = seed(), rng.choice([20, 26, 34]), rng.choice([32, 56])
 
         def b_relu_xavier(s=s, depth=depth, width=width):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, width, nn.ReLU)
-            init_(net, "xavier")
-            return net, F.cross_entropy, digit_data(30, 64, s), opt_for(net, "sgd", 0.01)
+            net = mlp(depth, width, nn.ReLU, "xavier_uniform")
+            return net, F.cross_entropy, digit_batches(30, 64, s), opt_for(net, "sgd", 0.01)
         out.append(EvalCase(f"relu_mlp_xavier_d{depth}_w{width}", b_relu_xavier,
                             "activation_scale_drift", deep))
 
@@ -324,9 +198,8 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def b_sat(s=s, depth=depth, std=std, act=act):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, 64, act)
-            init_(net, f"std:{std}")
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd0", 0.05)
+            net = mlp(depth, 64, act, f"normal:{std}")
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, "sgd0", 0.05)
         out.append(EvalCase(f"{act.__name__.lower()}_mlp_std{std}_d{depth}", b_sat,
                             "saturated_activations", sites_of(act)))
 
@@ -334,9 +207,8 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def b_relu_big(s=s, depth=depth, std=std):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, 48, nn.ReLU)
-            init_(net, f"std:{std}")
-            return net, F.cross_entropy, digit_data(4, 48, s), None
+            net = mlp(depth, 48, nn.ReLU, f"normal:{std}")
+            return net, F.cross_entropy, digit_batches(4, 48, s), None
         out.append(EvalCase(f"relu_mlp_std{std}_d{depth}_examine", b_relu_big,
                             "exploding_gradients", first_in))
 
@@ -345,12 +217,11 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def b_dead(s=s, bias=bias, dead_at=dead_at):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, 4, 48, nn.ReLU)
-            init_(net, "he")
+            net = mlp(4, 48, nn.ReLU, "he")
             with torch.no_grad():
                 for k in dead_at:
                     net[2 * k].bias.fill_(bias)
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd0", 0.02)
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, "sgd0", 0.02)
         out.append(EvalCase(f"relu_mlp_bias{bias}_at{dead_at}", b_dead, "dead_units",
                             sites_of(nn.ReLU, {str(2 * k + 1) for k in dead_at})))
 
@@ -359,12 +230,11 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
         def b_hot(s=s, lr=lr, arch=arch):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
             if arch == "mlp":
-                net = mlp(64, 3, 64, nn.ReLU)
-                data = digit_data(30, 48, s)
+                net = mlp(3, 64, nn.ReLU, "he")
+                data = digit_batches(30, 48, s)
             else:
-                net = conv2d(3, 8, nn.ReLU, False)
-                data = digit_data(30, 48, s, "image")
-            init_(net, "he")
+                net = cnn(3, 8, nn.ReLU, "he")
+                data = digit_batches(30, 48, s, "image")
             return net, F.cross_entropy, data, opt_for(net, "sgd", lr)
         out.append(EvalCase(f"{arch}_sgd_lr{lr}", b_hot, "learning_rate_too_high", nonempty))
 
@@ -372,25 +242,24 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def b_cold(s=s, lr=lr):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, 4, 48, nn.ReLU)
-            init_(net, "he")
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd0", lr)
+            net = mlp(4, 48, nn.ReLU, "he")
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, "sgd0", lr)
         out.append(EvalCase(f"relu_mlp_sgd_lr{lr}", b_cold, "training_stalled", nonempty))
 
         s, T, hidden = seed(), rng.choice([30, 50]), rng.choice([16, 48])
 
         def b_rnn_v(s=s, T=T, hidden=hidden):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = Recurrent(nn.RNN, hidden)
-            return net, F.mse_loss, adding(30, T, 32, s), opt_for(net, "sgd0", 0.05)
+            net = SeqModel(nn.RNN, hidden)
+            return net, F.mse_loss, adding_batches(30, T, 32, s), opt_for(net, "sgd0", 0.05)
         out.append(EvalCase(f"rnn_T{T}_h{hidden}", b_rnn_v, "vanishing_gradients", only_rnn))
 
         s, T, scale = seed(), rng.choice([20, 40]), rng.choice([2.0, 3.0, 4.0])
 
         def b_rnn_e(s=s, T=T, scale=scale):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = Recurrent(nn.RNN, 32, scale=scale)
-            return net, F.mse_loss, adding(30, T, 32, s), opt_for(net, "sgd0", 0.02)
+            net = SeqModel(nn.RNN, 32, recurrent_scale=scale)
+            return net, F.mse_loss, adding_batches(30, T, 32, s), opt_for(net, "sgd0", 0.02)
         out.append(EvalCase(f"rnn_scale{scale}_T{T}", b_rnn_e, "exploding_gradients", only_rnn))
 
         s, depth = seed(), rng.choice([5, 7])
@@ -398,17 +267,16 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
         def b_c1(s=s, depth=depth):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
             net = conv1d(depth, 16, nn.Sigmoid)
-            init_(net, "old")
-            return net, F.cross_entropy, digit_data(30, 48, s, "seq"), opt_for(net, "sgd0", 0.1)
+            init_linear(net, "old")
+            return net, F.cross_entropy, digit_batches(30, 48, s, "seq"), opt_for(net, "sgd0", 0.1)
         out.append(EvalCase(f"conv1d_sigmoid_d{depth}", b_c1, "vanishing_gradients", early))
 
         s, at, factor = seed(), rng.randrange(18, 30), rng.choice([20.0, 60.0])
 
         def b_spike(s=s, at=at, factor=factor):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, 3, 48, nn.ReLU)
-            init_(net, "he")
-            data = digit_data(40, 48, s)
+            net = mlp(3, 48, nn.ReLU, "he")
+            data = digit_batches(40, 48, s)
             x, y = data[at]
             data[at] = (x * factor, y)
             return net, F.cross_entropy, data, opt_for(net, "sgd", 0.01)
@@ -420,7 +288,7 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
         def b_nan_g(s=s, depth=depth):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
             net = SqrtHead(depth, 32)
-            return net, F.cross_entropy, digit_data(20, 48, s), opt_for(net, "sgd0", 0.05)
+            return net, F.cross_entropy, digit_batches(20, 48, s), opt_for(net, "sgd0", 0.05)
         out.append(EvalCase(f"sqrt_minus_min_head_d{depth}", b_nan_g, "nonfinite_gradients",
                             lambda f, m: "body.0" in f.layers and "head" not in f.layers))
 
@@ -428,12 +296,11 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def b_nan_l(s=s, std=std):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, 2, 32, nn.ReLU)
-            init_(net, f"std:{std}")
+            net = mlp(2, 32, nn.ReLU, f"normal:{std}")
 
             def loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return F.nll_loss(torch.log(torch.softmax(o, -1)), t)
-            return net, loss, digit_data(10, 48, s), None
+            return net, loss, digit_batches(10, 48, s), None
         out.append(EvalCase(f"log_softmax_std{std}", b_nan_l, "nonfinite_loss"))
 
         # ---- healthy -----------------------------------------------------------------------
@@ -442,9 +309,8 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def h_relu(s=s, depth=depth, width=width, ok=ok, how=how):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, width, nn.ReLU)
-            init_(net, how)
-            return net, F.cross_entropy, digit_data(30, 64, s), opt_for(net, ok, 0.01 if ok == "sgd" else 1e-3)
+            net = mlp(depth, width, nn.ReLU, how)
+            return net, F.cross_entropy, digit_batches(30, 64, s), opt_for(net, ok, 0.01 if ok == "sgd" else 1e-3)
         out.append(EvalCase(f"healthy_relu_he_d{depth}_w{width}_{ok}", h_relu, None))
 
         s, blocks = seed(), rng.choice([4, 12])
@@ -452,17 +318,16 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def h_res(s=s, blocks=blocks, act=act):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = Residual(blocks, 48, act)
-            return net, F.cross_entropy, digit_data(30, 64, s), opt_for(net, "adamw", 1e-3)
+            net = ResidualMLP(blocks, 48, act, expand=2)
+            return net, F.cross_entropy, digit_batches(30, 64, s), opt_for(net, "adamw", 1e-3)
         out.append(EvalCase(f"healthy_residual_{act.__name__}_b{blocks}", h_res, None))
 
         s, depth, bn = seed(), rng.choice([3, 5]), rng.choice([True, False])
 
         def h_cnn(s=s, depth=depth, bn=bn):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = conv2d(depth, 12, nn.ReLU, bn)
-            init_(net, "he")
-            return net, F.cross_entropy, digit_data(30, 48, s, "image"), opt_for(net, "sgd", 0.01)
+            net = cnn(depth, 12, nn.ReLU, "he", norm=bn)
+            return net, F.cross_entropy, digit_batches(30, 48, s, "image"), opt_for(net, "sgd", 0.01)
         out.append(EvalCase(f"healthy_cnn_d{depth}_bn{bn}", h_cnn, None))
 
         s, cell, T = seed(), rng.choice([nn.LSTM, nn.GRU]), rng.choice([20, 40])
@@ -470,8 +335,8 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 
         def h_rnn(s=s, cell=cell, T=T, nl=nl):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = Recurrent(cell, 32, layers=nl)
-            return net, F.mse_loss, adding(30, T, 32, s), opt_for(net, "adam", 3e-3)
+            net = SeqModel(cell, 32, layers=nl)
+            return net, F.mse_loss, adding_batches(30, T, 32, s), opt_for(net, "adam", 3e-3)
         out.append(EvalCase(f"healthy_{cell.__name__}_T{T}", h_rnn, None))
 
         s, layers, d = seed(), rng.choice([2, 4]), rng.choice([32, 48])
@@ -479,19 +344,19 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
         def h_lm(s=s, layers=layers, d=d):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
             net = LM(40, d, layers, 20)
-            return net, lm_loss, tokens(30, 40, 20, 16, s), opt_for(net, "adamw", 2e-3)
+            return net, seq_ce, token_batches(30, 40, 20, 16, s, stride=5, noise=0.05), opt_for(
+                net, "adamw", 2e-3)
         out.append(EvalCase(f"healthy_transformer_L{layers}_d{d}", h_lm, None))
 
         s, depth = seed(), rng.choice([2, 3, 5])
-        act, how = rng.choice([(nn.Tanh, "xavier_tanh"), (nn.ELU, "he"), (nn.SiLU, "he"),
+        act, how = rng.choice([(nn.Tanh, "xavier_tanh_uniform"), (nn.ELU, "he"), (nn.SiLU, "he"),
                                (nn.LeakyReLU, "he")])
         norm = rng.choice([None, "ln"])
 
         def h_misc(s=s, depth=depth, act=act, how=how, norm=norm):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, 64, act, norm=norm)
-            init_(net, how)
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd", 0.02)
+            net = mlp(depth, 64, act, how, norm=norm)
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, "sgd", 0.02)
         out.append(EvalCase(f"healthy_{act.__name__}_d{depth}", h_misc, None))
 
         s, depth = seed(), rng.choice([3, 4])
@@ -499,17 +364,16 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
         def h_c1(s=s, depth=depth):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
             net = conv1d(depth, 16, nn.ReLU)
-            init_(net, "he")
-            return net, F.cross_entropy, digit_data(30, 48, s, "seq"), opt_for(net, "adam", 1e-3)
+            init_linear(net, "he")
+            return net, F.cross_entropy, digit_batches(30, 48, s, "seq"), opt_for(net, "adam", 1e-3)
         out.append(EvalCase(f"healthy_conv1d_d{depth}", h_c1, None))
 
         s, depth = seed(), rng.choice([1, 2])
 
         def h_sig(s=s, depth=depth):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = mlp(64, depth, 64, nn.Sigmoid)
-            init_(net, "xavier")
-            return net, F.cross_entropy, digit_data(30, 48, s), opt_for(net, "sgd", 0.1)
+            net = mlp(depth, 64, nn.Sigmoid, "xavier_uniform")
+            return net, F.cross_entropy, digit_batches(30, 48, s), opt_for(net, "sgd", 0.1)
         out.append(EvalCase(f"healthy_shallow_sigmoid_d{depth}", h_sig, None))
         s, p = seed(), rng.choice([0.1, 0.3])
 
@@ -518,16 +382,16 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
             net = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(p),
                                 nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Dropout(p),
                                 nn.Linear(128, 10))
-            return net, F.cross_entropy, digit_data(30, 64, s), opt_for(net, "sgd", 0.1)
+            return net, F.cross_entropy, digit_batches(30, 64, s), opt_for(net, "sgd", 0.1)
         out.append(EvalCase(f"healthy_bn_dropout_p{p}", h_drop, None))
 
         s, T = seed(), rng.choice([6, 10])
 
         def h_rnn_orth(s=s, T=T):  # type: ignore[no-untyped-def]
             torch.manual_seed(s)
-            net = Recurrent(nn.RNN, 24)
+            net = SeqModel(nn.RNN, 24)
             nn.init.orthogonal_(net.rnn.weight_hh_l0)
-            return net, F.mse_loss, adding(30, T, 32, s), opt_for(net, "adam", 3e-3)
+            return net, F.mse_loss, adding_batches(30, T, 32, s), opt_for(net, "adam", 3e-3)
         out.append(EvalCase(f"healthy_rnn_orthogonal_T{T}", h_rnn_orth, None))
 
         s = seed()
@@ -537,7 +401,7 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
             net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
                                 nn.Conv2d(16, 32, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
                                 nn.Flatten(), nn.Linear(32 * 4, 10))
-            return net, F.cross_entropy, digit_data(30, 48, s, "image"), opt_for(net, "adam", 2e-3)
+            return net, F.cross_entropy, digit_batches(30, 48, s, "image"), opt_for(net, "adam", 2e-3)
         out.append(EvalCase("healthy_cnn_pool_silu", h_pool, None))
     return out
 

@@ -5,8 +5,8 @@ what the doctor should find: the finding code, which layers it must name (and mu
 remedy that must be among the top ones. Healthy cases expect no finding at all.
 
 Everything is CPU-sized: a diagnose run on any case takes well under a second on one core.
-The held-out evaluation (``benchmarks/doctor_eval.py``) uses other seeds, sizes and
-architectures than these.
+The held-out evaluation (``benchmarks/doctor_eval.py``) builds its networks and data with the
+functions here, but with other seeds, sizes and architectures than these cases.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -47,14 +47,21 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(d.target)
 
 
-def digit_batches(n: int, bs: int = 64, seed: int = 0, image: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def digit_batches(n: int, bs: int = 64, seed: int = 0, shape: str = "flat"
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the 8x8 digits: ``shape`` "flat" (64 features), "image" (1x8x8) or "seq" (the 8
+    rows as 8 channels of length 8, for Conv1d)."""
     x, y = digits()
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         idx = torch.randint(0, len(x), (bs,), generator=g)
         xb = x[idx]
-        out.append((xb.view(-1, 1, 8, 8) if image else xb, y[idx]))
+        if shape == "image":
+            xb = xb.view(-1, 1, 8, 8)
+        elif shape == "seq":
+            xb = xb.view(-1, 8, 8)
+        out.append((xb, y[idx]))
     return out
 
 
@@ -73,52 +80,70 @@ def adding_batches(n: int, T: int, bs: int = 32, seed: int = 0) -> list[tuple[to
     return out
 
 
-def token_batches(n: int, vocab: int = 32, T: int = 16, bs: int = 16, seed: int = 0
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Next-token prediction on a noisy repeating pattern."""
+def token_batches(n: int, vocab: int = 32, T: int = 16, bs: int = 16, seed: int = 0,
+                  stride: int = 3, noise: float = 0.1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Next-token prediction on a noisy repeating pattern (token t+1 = token t + ``stride``,
+    replaced by a random one with probability ``noise``)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         start = torch.randint(0, vocab, (bs, 1), generator=g)
-        seq = (start + torch.arange(T + 1) * 3) % vocab
-        noise = torch.rand(bs, T + 1, generator=g) < 0.1
-        seq = torch.where(noise, torch.randint(0, vocab, (bs, T + 1), generator=g), seq)
+        seq = (start + torch.arange(T + 1) * stride) % vocab
+        noise_at = torch.rand(bs, T + 1, generator=g) < noise
+        seq = torch.where(noise_at, torch.randint(0, vocab, (bs, T + 1), generator=g), seq)
         out.append((seq[:, :-1], seq[:, 1:]))
     return out
 
 
 # -- models ------------------------------------------------------------------------------------
 def init_linear(m: nn.Module, how: str) -> None:
+    """Initialise every Linear/Conv weight by ``how`` and zero the biases.
+
+    ``how``: "old" (U[-1/sqrt(fan_in), 1/sqrt(fan_in)], the pre-2010 default), "he",
+    "he_uniform", "xavier", "xavier_uniform", "xavier_tanh" (gain 5/3), "xavier_tanh_uniform",
+    or "normal:<std>".
+    """
     for mod in m.modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             fan_in = mod.weight[0].numel()
-            if how == "old":  # U[-1/sqrt(fan_in), 1/sqrt(fan_in)], the pre-2010 default
+            if how == "old":
                 nn.init.uniform_(mod.weight, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
             elif how == "he":
                 nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            elif how == "he_uniform":
+                nn.init.kaiming_uniform_(mod.weight, nonlinearity="relu")
             elif how == "xavier":
                 nn.init.xavier_normal_(mod.weight)
+            elif how == "xavier_uniform":
+                nn.init.xavier_uniform_(mod.weight)
             elif how == "xavier_tanh":
                 nn.init.xavier_normal_(mod.weight, gain=5 / 3)
+            elif how == "xavier_tanh_uniform":
+                nn.init.xavier_uniform_(mod.weight, gain=5 / 3)
             elif how.startswith("normal:"):
                 nn.init.normal_(mod.weight, 0.0, float(how.split(":")[1]))
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
 
 
-def mlp(depth: int, width: int, act: type[nn.Module], init: str, *, d_in: int = 64,
-        d_out: int = 10, norm: bool = False, bias: bool = True) -> nn.Sequential:
+def mlp(depth: int, width: int, act: Callable[[], nn.Module], init: str | None = None, *,
+        d_in: int = 64, d_out: int = 10, norm: str | None = None, bias: bool = True) -> nn.Sequential:
+    """``depth`` hidden Linear layers (each followed by ``norm``: None, "bn" or "ln", then ``act``)
+    and an output Linear; ``init`` as in :func:`init_linear` (None: torch's default)."""
     layers: list[nn.Module] = []
     n = d_in
     for _ in range(depth):
         layers.append(nn.Linear(n, width, bias=bias))
-        if norm:
+        if norm == "bn":
             layers.append(nn.BatchNorm1d(width))
+        elif norm == "ln":
+            layers.append(nn.LayerNorm(width))
         layers.append(act())
         n = width
     layers.append(nn.Linear(n, d_out))
     net = nn.Sequential(*layers)
-    init_linear(net, init)
+    if init is not None:
+        init_linear(net, init)
     return net
 
 
@@ -138,12 +163,15 @@ class FunctionalSigmoidMLP(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    def __init__(self, blocks: int, width: int) -> None:
+    """Pre-norm residual blocks ``h + Linear(act(Linear(LayerNorm(h))))``, hidden ``expand * width``."""
+
+    def __init__(self, blocks: int, width: int, act: Callable[[], nn.Module] = nn.ReLU,
+                 expand: int = 1) -> None:
         super().__init__()
         self.inp = nn.Linear(64, width)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU(),
-                          nn.Linear(width, width)) for _ in range(blocks))
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, expand * width), act(),
+                          nn.Linear(expand * width, width)) for _ in range(blocks))
         self.out = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +181,8 @@ class ResidualMLP(nn.Module):
         return self.out(h)
 
 
-def cnn(depth: int, channels: int, act: type[nn.Module], init: str, norm: bool = False) -> nn.Sequential:
+def cnn(depth: int, channels: int, act: Callable[[], nn.Module], init: str | None = None,
+        norm: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
     c = 1
     for _ in range(depth):
@@ -164,18 +193,25 @@ def cnn(depth: int, channels: int, act: type[nn.Module], init: str, norm: bool =
         c = channels
     layers += [nn.Flatten(), nn.Linear(channels * 64, 10)]
     net = nn.Sequential(*layers)
-    init_linear(net, init)
+    if init is not None:
+        init_linear(net, init)
     return net
 
 
 class SeqModel(nn.Module):
-    def __init__(self, cell: type[nn.RNNBase], hidden: int, d_in: int = 2, recurrent_scale: float | None = None) -> None:
+    """A recurrent ``cell`` (``layers`` deep) and a Linear on its last time step; with
+    ``recurrent_scale`` the recurrent weights are N(0, (scale / sqrt(hidden))^2)."""
+
+    def __init__(self, cell: type[nn.RNNBase], hidden: int, d_in: int = 2,
+                 recurrent_scale: float | None = None, layers: int = 1) -> None:
         super().__init__()
-        self.rnn = cell(d_in, hidden, batch_first=True)
+        self.rnn = cell(d_in, hidden, num_layers=layers, batch_first=True)
         self.fc = nn.Linear(hidden, 1)
         if recurrent_scale is not None:
             with torch.no_grad():
-                self.rnn.weight_hh_l0.normal_(0.0, recurrent_scale / math.sqrt(hidden))
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("weight_hh"):
+                        p.normal_(0.0, recurrent_scale / math.sqrt(hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
@@ -207,7 +243,7 @@ def seq_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # -- the cases ---------------------------------------------------------------------------------
 def _mlp_case(depth: int, width: int, act: type[nn.Module], init: str, *, seed: int,
-              opt: str | None = "sgd", lr: float = 0.1, steps: int = 30, norm: bool = False,
+              opt: str | None = "sgd", lr: float = 0.1, steps: int = 30, norm: str | None = None,
               bias: bool = True) -> Build:
     def build() -> tuple[nn.Module, Any, Any, Any]:
         torch.manual_seed(seed)
@@ -218,6 +254,17 @@ def _mlp_case(depth: int, width: int, act: type[nn.Module], init: str, *, seed: 
         elif opt == "adam":
             o = torch.optim.Adam(net.parameters(), lr=lr)
         return net, F.cross_entropy, digit_batches(steps, seed=seed), o
+
+    return build
+
+
+def _seq_case(cell: type[nn.RNNBase], T: int, *, seed: int,
+              opt: Callable[..., torch.optim.Optimizer], recurrent_scale: float | None = None) -> Build:
+    """A 32-unit ``cell`` on the adding problem of length ``T``; ``opt(params)`` is its optimizer."""
+    def build() -> tuple[nn.Module, Any, Any, Any]:
+        torch.manual_seed(seed)
+        net = SeqModel(cell, 32, recurrent_scale=recurrent_scale)
+        return net, F.mse_loss, adding_batches(30, T=T, seed=seed), opt(net.parameters())
 
     return build
 
@@ -282,21 +329,16 @@ def cases() -> list[Case]:
     def sig_cnn() -> tuple[nn.Module, Any, Any, Any]:
         torch.manual_seed(14)
         net = cnn(6, 8, nn.Sigmoid, "old")
-        return net, F.cross_entropy, digit_batches(30, seed=14, image=True), torch.optim.SGD(net.parameters(), lr=0.1)
+        return net, F.cross_entropy, digit_batches(30, seed=14, shape="image"), torch.optim.SGD(net.parameters(), lr=0.1)
     out.append(Case("cnn_sigmoid_old", sig_cnn, "vanishing_gradients", include=("0",),
                     exclude=("13",), remedy=("relu_family",)))
     # vanilla RNN, long sequences: gradient vanishes through time
-    def rnn_vanish() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(15)
-        net = SeqModel(nn.RNN, 32)
-        return net, F.mse_loss, adding_batches(30, T=40, seed=15), torch.optim.SGD(net.parameters(), lr=0.05)
+    rnn_vanish = _seq_case(nn.RNN, 40, seed=15, opt=partial(torch.optim.SGD, lr=0.05))
     out.append(Case("rnn_vanishing_time", rnn_vanish, "vanishing_gradients", include=("rnn",),
                     exclude=("fc",), remedy=("gated_recurrence", "orthogonal_init")))
     # vanilla RNN with a large recurrent matrix: exploding through time
-    def rnn_explode() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(16)
-        net = SeqModel(nn.RNN, 32, recurrent_scale=2.5)
-        return net, F.mse_loss, adding_batches(30, T=30, seed=16), torch.optim.SGD(net.parameters(), lr=0.05)
+    rnn_explode = _seq_case(nn.RNN, 30, seed=16, opt=partial(torch.optim.SGD, lr=0.05),
+                            recurrent_scale=2.5)
     out.append(Case("rnn_exploding_time", rnn_explode, "exploding_gradients", include=("rnn",),
                     remedy=("gradient_clipping", "orthogonal_init")))
     # a transformer without pre-norm and a huge learning rate: the loss goes non-finite or explodes
@@ -332,7 +374,7 @@ def cases() -> list[Case]:
     out.append(Case("healthy_mlp_relu_he_adam", _mlp_case(12, 48, nn.ReLU, "he", seed=21, opt="adam", lr=1e-3), None))
     out.append(Case("healthy_mlp_relu_he_examine", _mlp_case(16, 64, nn.ReLU, "he", seed=22, opt=None), None))
     out.append(Case("healthy_mlp_tanh_xavier", _mlp_case(4, 64, nn.Tanh, "xavier_tanh", seed=23, lr=0.05), None))
-    out.append(Case("healthy_mlp_bn_sigmoid", _mlp_case(6, 64, nn.Sigmoid, "xavier", seed=24, lr=0.1, norm=True), None))
+    out.append(Case("healthy_mlp_bn_sigmoid", _mlp_case(6, 64, nn.Sigmoid, "xavier", seed=24, lr=0.1, norm="bn"), None))
 
     def resnet() -> tuple[nn.Module, Any, Any, Any]:
         torch.manual_seed(25)
@@ -343,14 +385,11 @@ def cases() -> list[Case]:
     def good_cnn() -> tuple[nn.Module, Any, Any, Any]:
         torch.manual_seed(26)
         net = cnn(4, 8, nn.ReLU, "he", norm=True)
-        return net, F.cross_entropy, digit_batches(30, seed=26, image=True), torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        return net, F.cross_entropy, digit_batches(30, seed=26, shape="image"), torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     out.append(Case("healthy_cnn_bn", good_cnn, None))
 
-    def lstm() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(27)
-        net = SeqModel(nn.LSTM, 32)
-        return net, F.mse_loss, adding_batches(30, T=30, seed=27), torch.optim.Adam(net.parameters(), lr=1e-2)
-    out.append(Case("healthy_lstm", lstm, None))
+    out.append(Case("healthy_lstm", _seq_case(nn.LSTM, 30, seed=27, opt=partial(torch.optim.Adam, lr=1e-2)),
+                    None))
 
     def transformer() -> tuple[nn.Module, Any, Any, Any]:
         torch.manual_seed(28)
@@ -358,9 +397,6 @@ def cases() -> list[Case]:
         return net, seq_ce, token_batches(30, seed=28), torch.optim.AdamW(net.parameters(), lr=3e-3)
     out.append(Case("healthy_transformer_prenorm", transformer, None))
 
-    def shallow_rnn() -> tuple[nn.Module, Any, Any, Any]:
-        torch.manual_seed(29)
-        net = SeqModel(nn.RNN, 32)
-        return net, F.mse_loss, adding_batches(30, T=6, seed=29), torch.optim.Adam(net.parameters(), lr=3e-3)
-    out.append(Case("healthy_short_rnn", shallow_rnn, None))
+    out.append(Case("healthy_short_rnn", _seq_case(nn.RNN, 6, seed=29, opt=partial(torch.optim.Adam, lr=3e-3)),
+                    None))
     return out

@@ -166,6 +166,18 @@ def test_consecutive_limit_rolls_back_when_configured():
     assert all(torch.equal(a, b) for a, b in zip(at4, model.parameters()))
 
 
+def test_rollback_without_its_spike_policy_says_so():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, max_consecutive=0, on_nonfinite="rollback")
+    guard.spike = None  # unpairs what __init__ paired
+    loss = loss_of(model, 0)
+    loss.backward()
+    model[0].bias.grad[0] = math.inf
+    with pytest.raises(RuntimeError, match=r"on_nonfinite='rollback' needs the Guard's SpikePolicy"):
+        guard.step(opt, loss=loss)
+
+
 # --------------------------------------------------------------------------------------------
 # AMP: torch's _run_scaling_case (test_grad_scaling_clipping), on CPU with GradScaler("cpu")
 @pytest.mark.parametrize("separate_unscale", [False, True])

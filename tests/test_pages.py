@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +21,16 @@ def test_demo_report_renders_in_chromium(tmp_path: Path) -> None:
     assert not is_blank(screenshot(html, tmp_path / "demo.png"))
 
 
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, guard: Any, x: torch.Tensor,
+           y: torch.Tensor, steps: int = 30) -> None:
+    """``steps`` guarded full-batch cross-entropy steps on ``(x, y)``."""
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(opt, loss=loss)
+        opt.zero_grad()
+
+
 def test_guard_findings_live_on_a_vanishing_network() -> None:
     import gradguard as gg
 
@@ -32,12 +43,7 @@ def test_guard_findings_live_on_a_vanishing_network() -> None:
     model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, flush_every=10)
-    x, y = torch.randn(64, 32), torch.randint(0, 4, (64,))
-    for _ in range(30):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        guard.step(opt, loss=loss)
-        opt.zero_grad()
+    _train(model, opt, guard, torch.randn(64, 32), torch.randint(0, 4, (64,)))
     codes = {f.code: f for f in guard.findings()}
     assert "vanishing_gradients" in codes
     assert codes["vanishing_gradients"].layers[0] == "0"   # the first layer, by module name
@@ -51,10 +57,5 @@ def test_guard_findings_quiet_on_a_healthy_network() -> None:
                                 torch.nn.ReLU(), torch.nn.Linear(64, 3))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = gg.Guard(model, clip=1.0, flush_every=10)
-    x, y = torch.randn(128, 16), torch.randint(0, 3, (128,))
-    for _ in range(30):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        guard.step(opt, loss=loss)
-        opt.zero_grad()
+    _train(model, opt, guard, torch.randn(128, 16), torch.randint(0, 3, (128,)))
     assert guard.findings() == []

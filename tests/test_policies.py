@@ -515,3 +515,11 @@ def test_policy_validation(call, exc, match):
 def test_agc_unknown_exclude_name():
     with pytest.raises(ValueError, match="neither a module nor a trainable parameter"):
         bind(gg.AGC(exclude=["nope"]), tiny())
+
+
+def test_agc_unbound_says_to_bind_first():
+    model = tiny()
+    model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+    plan = ParamPlan.from_module(model)
+    with pytest.raises(RuntimeError, match=r"AGC is not bound to a model.*gg\.Guard\(model, clip=gg\.AGC"):
+        apply(gg.AGC(), plan)

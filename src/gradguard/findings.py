@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["Finding", "HistorySummary", "Report", "Severity", "Trial"]
 
@@ -32,8 +32,26 @@ class Severity(str, Enum):
         return {"info": 0, "warning": 1, "error": 2}[self.value]
 
 
+_T = TypeVar("_T", bound="_FlatFields")
+
+
+class _FlatFields:
+    """``to_dict``/``from_dict`` for a dataclass whose fields all hold plain values (numbers,
+    strings, lists): each field through JSON's stand-ins for NaN and infinity, unknown keys
+    ignored on the way back."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls: type[_T], d: dict[str, Any]) -> _T:
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        kw = {k: _unjson(v) for k, v in d.items() if k in fields}
+        return cls(**kw)
+
+
 @dataclass
-class Trial:
+class Trial(_FlatFields):
     """The measured effect of one remedy tried on a fresh copy of the model.
 
     Attributes:
@@ -66,14 +84,6 @@ class Trial:
     improved: bool = False
     score: float = -math.inf
     loss_curve: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: _jsonable(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Trial:
-        kw = {k: _unjson(v) for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**kw)
 
 
 @dataclass
@@ -138,7 +148,7 @@ class Finding:
 
 
 @dataclass
-class HistorySummary:
+class HistorySummary(_FlatFields):
     """The part of a run's history that a report shows, aggregated per layer.
 
     Attributes:
@@ -167,14 +177,6 @@ class HistorySummary:
             vals = sorted(r[j] for r in self.layer_norm if math.isfinite(r[j]))
             out.append(vals[len(vals) // 2] if vals else math.nan)
         return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: _jsonable(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HistorySummary:
-        kw = {k: _unjson(v) for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**kw)
 
 
 @dataclass

@@ -623,7 +623,8 @@ class Guard:
                         sp.trigger, sp.window, step, sp.lr_factor, sp.backoff_steps)
         elif action == "rollback":
             start = sp.streak_start if sp.streak_start is not None else step
-            self._rollback(f"repeated loss/gradient spikes since step {start}", start, optimizer, scaler)
+            self._rollback(sp, f"repeated loss/gradient spikes since step {start}", start, optimizer,
+                           scaler)
 
     def _first_bad_layer(self, step: int) -> tuple[str, float] | None:
         h = self._history
@@ -638,7 +639,14 @@ class Guard:
     def _on_nonfinite_limit(self, step: int, optimizer: Any, scaler: Any) -> None:
         start = self._run_start if self._run_start is not None else step
         if self.on_nonfinite == "rollback":
+            if self.spike is None:  # __init__ gives rollback a SpikePolicy; only a reassignment drops it
+                raise RuntimeError(
+                    "on_nonfinite='rollback' needs the Guard's SpikePolicy (it keeps the snapshots), "
+                    "but guard.spike is None; leave `spike` as the Guard set it, or construct the "
+                    "Guard with spike=gg.SpikePolicy(...)."
+                )
             self._rollback(
+                self.spike,
                 f"{self.consecutive_nonfinite} consecutive non-finite steps (from step {start})",
                 start, optimizer, scaler,
             )
@@ -674,9 +682,8 @@ class Guard:
             guard=_to_cpu(self._core_state()),
         ))
 
-    def _rollback(self, reason: str, trouble_start: int, optimizer: Any, scaler: Any) -> None:
-        sp = self.spike
-        assert sp is not None  # rollback is configured through a SpikePolicy
+    def _rollback(self, sp: SpikePolicy, reason: str, trouble_start: int, optimizer: Any,
+                  scaler: Any) -> None:
         if sp.rollbacks >= sp.max_rollbacks:
             raise GuardError(
                 f"gave up after {sp.rollbacks} rollback(s) (max_rollbacks={sp.max_rollbacks}): "

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_norm_type, check_positive, check_probability
+from gradguard._ema import warmup_then_ema
 from gradguard._plan import ParamPlan
 from gradguard.clip import _check_eps, clip_coef, scale_
 from gradguard.stats import GradStats, acc_dtype
@@ -401,18 +402,27 @@ class AGC(ClipPolicy):
         self._hooks = []
         self._trace = []
 
+    def _bound(self) -> tuple[nn.Module, ParamPlan]:
+        """The model and plan from :meth:`bind`; a clear error where the policy was never bound."""
+        if self._model is None or self._plan is None:
+            raise RuntimeError(
+                "AGC is not bound to a model: use it through a Guard, "
+                "gg.Guard(model, clip=gg.AGC(...)), or call bind(model, plan) before clip_()."
+            )
+        return self._model, self._plan
+
     def _set_head(self, module_name: str, how: str) -> None:
-        assert self._model is not None and self._plan is not None  # internal invariant
-        head = self._model.get_submodule(module_name)
+        model, plan = self._bound()
+        head = model.get_submodule(module_name)
         ids = {id(p) for p in head.parameters()}
-        self._excluded = {i for i, p in enumerate(self._plan.params) if id(p) in ids}
+        self._excluded = {i for i, p in enumerate(plan.params) if id(p) in ids}
         log.info("AGC: excluding head %r (%s): %s", module_name, how, self.excluded)
 
     def _fallback_head(self) -> None:
-        assert self._model is not None  # internal invariant
+        model, _ = self._bound()
         self._remove_hooks()
         last = None
-        for name, mod in self._model.named_modules():
+        for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
                 last = name
         if last is None:
@@ -707,14 +717,6 @@ class ZClip(ClipPolicy):
         warm = st.count < self.warmup
         inf = torch.full_like(g, math.inf)
 
-        # Warm-up: Welford over the accepted norms; the warmup-th one starts the EMA.
-        k1 = (st.count + 1).to(g.dtype)
-        delta = g - st.w_mean
-        w_mean = st.w_mean + delta / k1
-        w_m2 = st.w_m2 + delta * (g - w_mean)
-        do_warm = accept & warm
-        starts = do_warm & (st.count + 1 == self.warmup)
-
         # After warm-up: z-score against the EMA (the state before this step).
         std = torch.sqrt(st.var)
         z = (g - st.mean) / (std + self.eps)
@@ -745,23 +747,13 @@ class ZClip(ClipPolicy):
         coef = torch.where(accept, coef, torch.ones_like(coef))
         threshold = torch.where(warm, thr_warm, torch.where(spike, effective, bound))
 
-        # EMA, fed with the clipped value on a spike (zclip's rule).
+        # Warm-up: Welford over the accepted norms; the warmup-th one starts the EMA, which is
+        # fed with the clipped value on a spike (zclip's rule).
         x = torch.where(spike, tau_spike, g)
         do_ema = accept & ~warm
         if self.skip_update_on_spike:
             do_ema = do_ema & ~spike
-        a = self.alpha
-        mean_new = a * st.mean + (1 - a) * x
-        var_new = a * st.var + (1 - a) * (x - mean_new) ** 2
-        mean = torch.where(do_ema, mean_new, torch.where(starts, w_mean, st.mean))
-        var = torch.where(do_ema, var_new, torch.where(starts, w_m2 / self.warmup, st.var))
-        self.state = ZClipState(
-            mean=mean,
-            var=var,
-            count=st.count + do_warm.to(torch.int64),
-            w_mean=torch.where(do_warm, w_mean, st.w_mean),
-            w_m2=torch.where(do_warm, w_m2, st.w_m2),
-        )
+        self.state = ZClipState(*warmup_then_ema(st, g, accept, x, do_ema, self.alpha, self.warmup))
         coef = coef.to(total.dtype)
         scale_(_present(grads), coef)
         return threshold.to(total.dtype), coef < 1

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from gradguard._checks import check_int, check_positive, check_probability
+from gradguard._ema import warmup_then_ema
 
 __all__ = ["SpikePolicy"]
 
@@ -217,29 +218,14 @@ class SpikePolicy:
         present = self._mask & torch.isfinite(x) & ~blocked.to(dev)
         warm = st.count < self.warmup
 
-        k1 = (st.count + 1).to(x.dtype)
-        delta = x - st.w_mean
-        w_mean = st.w_mean + delta / k1
-        w_m2 = st.w_m2 + delta * (x - w_mean)
-        do_warm = present & warm
-        starts = do_warm & (st.count + 1 == self.warmup)
-
         std = torch.maximum(torch.sqrt(st.var), self.min_rel_std * st.mean.abs())
         std = torch.clamp(std, min=torch.finfo(x.dtype).tiny)
         z = (x - st.mean) / std
         spikes = present & ~warm & (z > self.z_thresh)
         fed = torch.where(spikes, st.mean + self.z_thresh * std, x)
         do_ema = present & ~warm
-        a = self.alpha
-        mean_new = a * st.mean + (1 - a) * fed
-        var_new = a * st.var + (1 - a) * (fed - mean_new) ** 2
-        self.state = DetectorState(
-            mean=torch.where(do_ema, mean_new, torch.where(starts, w_mean, st.mean)),
-            var=torch.where(do_ema, var_new, torch.where(starts, w_m2 / self.warmup, st.var)),
-            count=st.count + do_warm.to(torch.int64),
-            w_mean=torch.where(do_warm, w_mean, st.w_mean),
-            w_m2=torch.where(do_warm, w_m2, st.w_m2),
-        )
+        self.state = DetectorState(*warmup_then_ema(st, x, present, fed, do_ema, self.alpha,
+                                                    self.warmup))
         return spikes.any()
 
     # -- host half --------------------------------------------------------------------------------

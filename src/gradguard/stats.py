@@ -216,13 +216,6 @@ def tensor_norms(
     return out
 
 
-def reduce_norms(norms: Sequence[Tensor], norm_type: float) -> Tensor:
-    """Combine per-tensor norms into the global norm, on the first tensor's device."""
-    first = norms[0].device
-    stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
-    return torch.linalg.vector_norm(_widen(stacked), norm_type)
-
-
 def stats_of_groups(
     groups: Sequence[Group],
     n: int,

@@ -33,6 +33,27 @@ def add_lang(parser: Any) -> None:
                         help="language of the findings: en (English) or ko (Korean)")
 
 
+def add_report_files(parser: Any) -> None:
+    """``--html PATH`` and ``--json PATH``, written by :func:`write_report_files`."""
+    parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+
+
+def write_report_files(con: Any, report: Report, args: Any) -> None:
+    """Write the report where ``--json`` and ``--html`` ask, saying so in ``--lang``."""
+    if args.json:
+        report.to_json(args.json)
+        con.print(M.ui("wrote", args.lang, path=args.json))
+    if args.html:
+        report.to_html(args.html, lang=args.lang)
+        con.print(M.ui("wrote", args.lang, path=args.html))
+
+
+def exit_status(report: Report) -> int:
+    """1 when any finding is an error, else 0 (2, a usage error, comes from :func:`error`)."""
+    return 1 if any(f.severity.value == "error" for f in report.findings) else 0
+
+
 def print_report(con: Any, report: Report, lang: str, *, snippets: bool = True) -> None:
     """Findings as rich panels, then the trials table."""
     from rich.markup import escape

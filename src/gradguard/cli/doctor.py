@@ -26,7 +26,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradguard.cli._render import add_lang, console, error, print_report, progress_bar
+from gradguard.cli._render import (
+    add_lang,
+    add_report_files,
+    console,
+    error,
+    exit_status,
+    print_report,
+    progress_bar,
+    write_report_files,
+)
 
 HELP = "diagnose a model built by FILE_OR_MODULE:FACTORY (vanishing/exploding gradients, causes, remedies)"
 
@@ -41,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training steps with an optimizer (default: the factory's, else 30)")
     parser.add_argument("--try-remedies", action="store_true",
                         help="apply each plausible remedy to a fresh copy and measure its effect")
-    parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    add_report_files(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the doctor's runs (default 0)")
     add_lang(parser)
     parser.epilog = ("exit status: 0 no error-level finding, 1 at least one, 2 a usage error. "
@@ -132,16 +140,5 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, TypeError, ValueError) as e:
         return error(str(e))
     print_report(con, report, args.lang)
-    _write(con, report, args)
-    return 1 if any(f.severity.value == "error" for f in report.findings) else 0
-
-
-def _write(con: Any, report: Any, args: argparse.Namespace) -> None:
-    from gradguard import messages as M
-
-    if args.json:
-        report.to_json(args.json)
-        con.print(M.ui("wrote", args.lang, path=args.json))
-    if args.html:
-        report.to_html(args.html, lang=args.lang)
-        con.print(M.ui("wrote", args.lang, path=args.html))
+    write_report_files(con, report, args)
+    return exit_status(report)

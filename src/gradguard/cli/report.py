@@ -10,21 +10,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradguard.cli._render import add_lang, console, error, print_report
+from gradguard.cli._render import (
+    add_lang,
+    add_report_files,
+    console,
+    error,
+    exit_status,
+    print_report,
+    write_report_files,
+)
 
 HELP = "diagnose a recorded run from its JSONL history (what JSONLSink writes)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN.jsonl", help="the history file")
-    parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
-    parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    add_report_files(parser)
     add_lang(parser)
     parser.epilog = "example: gradguard report runs/guard.jsonl --html report.html --lang ko"
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradguard import messages as M
     from gradguard.doctor import findings_from_history
     from gradguard.history import History
 
@@ -38,10 +44,5 @@ def run(args: argparse.Namespace) -> int:
     report.metadata["source"] = str(args.path)
     report.metadata["model"] = Path(args.path).name
     print_report(con, report, args.lang)
-    if args.json:
-        report.to_json(args.json)
-        con.print(M.ui("wrote", args.lang, path=args.json))
-    if args.html:
-        report.to_html(args.html, lang=args.lang)
-        con.print(M.ui("wrote", args.lang, path=args.html))
-    return 1 if any(f.severity.value == "error" for f in report.findings) else 0
+    write_report_files(con, report, args)
+    return exit_status(report)

@@ -21,7 +21,7 @@ import torch
 
 from gradguard.history import History
 
-__all__ = ["chart_rows", "group_of", "require", "run_guard"]
+__all__ = ["GuardCallbackMixin", "chart_rows", "group_of", "require", "run_guard"]
 
 
 def require(module: str, extra: str) -> Any:
@@ -33,6 +33,40 @@ def require(module: str, extra: str) -> Any:
             f"this gradguard integration needs `{module.split('.')[0]}`: "
             f'pip install "gradguard[{extra}]"'
         ) from e
+
+
+class GuardCallbackMixin:
+    """What a framework callback keeps until it creates its Guard, and the Guard after.
+
+    The callbacks take the same arguments (their ``log_per_layer`` defaults differ) and call
+    :meth:`_init_guard_args` from their ``__init__``.
+    """
+
+    _clip: Any
+    _guard_kwargs: dict[str, Any]  # for gradguard.Guard, besides the model, clip and sinks
+    _sinks: list[Any]
+    log_per_layer: bool | str
+    guard: Any  # None until the callback creates it
+    last_outcome: Any
+    _pending_state: dict[str, Any] | None  # a state to load once the Guard exists
+
+    def _init_guard_args(
+        self, clip: Any, *, skip_nonfinite: bool, spike: Any, log_per_layer: bool | str,
+        sinks: Iterable[Any], flush_every: int, guard_kwargs: dict[str, Any],
+    ) -> None:
+        if log_per_layer not in (True, False, "auto"):
+            raise ValueError(
+                f"`log_per_layer` must be True, False or 'auto', got {log_per_layer!r}."
+            )
+        self._clip = clip
+        self._guard_kwargs = dict(
+            skip_nonfinite=skip_nonfinite, spike=spike, flush_every=flush_every, **guard_kwargs
+        )
+        self._sinks = list(sinks)
+        self.log_per_layer = log_per_layer
+        self.guard = None
+        self.last_outcome = None
+        self._pending_state = None
 
 
 def run_guard(guard: Any, optimizer: Any, loss: torch.Tensor | None = None) -> Any:

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from gradguard.integrations._hooks import chart_rows, require, run_guard
+from gradguard.integrations._hooks import GuardCallbackMixin, chart_rows, require, run_guard
 
 _L = require("lightning.pytorch", "lightning")
 Callback = _L.Callback
@@ -78,7 +78,7 @@ class _TrainerLoggers:
                 lg.log_metrics(metrics, step=step)
 
 
-class GradGuardCallback(Callback):
+class GradGuardCallback(Callback, GuardCallbackMixin):
     """A :class:`gradguard.Guard` inside Lightning's training loop.
 
     Args:
@@ -116,19 +116,9 @@ class GradGuardCallback(Callback):
         flush_every: int = 50,
         **guard_kwargs: Any,
     ) -> None:
-        if log_per_layer not in (True, False, "auto"):
-            raise ValueError(
-                f"`log_per_layer` must be True, False or 'auto', got {log_per_layer!r}."
-            )
-        self._clip = clip
-        self._guard_kwargs = dict(
-            skip_nonfinite=skip_nonfinite, spike=spike, flush_every=flush_every, **guard_kwargs
-        )
-        self._sinks = list(sinks)
-        self.log_per_layer = log_per_layer
-        self.guard: Any = None
-        self.last_outcome: Any = None
-        self._pending_state: dict[str, Any] | None = None
+        self._init_guard_args(clip, skip_nonfinite=skip_nonfinite, spike=spike,
+                              log_per_layer=log_per_layer, sinks=sinks, flush_every=flush_every,
+                              guard_kwargs=guard_kwargs)
         self._loss_sum: torch.Tensor | None = None
 
     @property

@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 
-from gradguard.integrations._hooks import chart_rows, require, run_guard
+from gradguard.integrations._hooks import GuardCallbackMixin, chart_rows, require, run_guard
 
 _T = require("transformers", "transformers")
 TrainerCallback = _T.TrainerCallback
@@ -95,7 +95,7 @@ def _unscale_if_needed(optimizer: Any) -> None:
             raise
 
 
-class GradGuardCallback(TrainerCallback):
+class GradGuardCallback(TrainerCallback, GuardCallbackMixin):
     """A :class:`gradguard.Guard` inside the Hugging Face ``Trainer``.
 
     Args:
@@ -130,19 +130,9 @@ class GradGuardCallback(TrainerCallback):
         flush_every: int = 50,
         **guard_kwargs: Any,
     ) -> None:
-        if log_per_layer not in (True, False, "auto"):
-            raise ValueError(
-                f"`log_per_layer` must be True, False or 'auto', got {log_per_layer!r}."
-            )
-        self._clip = clip
-        self._guard_kwargs = dict(
-            skip_nonfinite=skip_nonfinite, spike=spike, flush_every=flush_every, **guard_kwargs
-        )
-        self._sinks = list(sinks)
-        self.log_per_layer = log_per_layer
-        self.guard: Any = None
-        self.last_outcome: Any = None
-        self._pending_state: dict[str, Any] | None = None
+        self._init_guard_args(clip, skip_nonfinite=skip_nonfinite, spike=spike,
+                              log_per_layer=log_per_layer, sinks=sinks, flush_every=flush_every,
+                              guard_kwargs=guard_kwargs)
         self._last_logged = -1
         self._marked_skip: Any = None
         self._warned_post_clip = False

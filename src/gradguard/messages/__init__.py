@@ -54,6 +54,12 @@ def _cat(lang: str) -> ModuleType:
     return _CATALOGS[check_lang(lang)]
 
 
+def _field(table: str, code: str, field: str, lang: str, missing: str) -> str:
+    """``field`` of ``code``'s entry in the catalogue's ``table``; ``missing`` without an entry."""
+    entry = getattr(_cat(lang), table).get(code)
+    return str(entry[field]) if entry else missing
+
+
 # -- numbers ---------------------------------------------------------------------------------------
 def fmt_num(x: Any) -> str:
     """Three significant digits; scientific notation for very small or large values."""
@@ -94,8 +100,7 @@ class _Fill(dict):  # type: ignore[type-arg]
 # -- findings ----------------------------------------------------------------------------------------
 def finding_title(code: str, lang: str = "en") -> str:
     """The title of a finding code (the code itself if the catalogue does not know it)."""
-    entry = _cat(lang).FINDINGS.get(code)
-    return str(entry["title"]) if entry else code
+    return _field("FINDINGS", code, "title", lang, code)
 
 
 def finding_variant(f: Finding) -> str:
@@ -148,28 +153,23 @@ def finding_text(f: Finding, lang: str = "en") -> str:
 
 
 def cause_title(code: str, lang: str = "en") -> str:
-    entry = _cat(lang).CAUSES.get(code)
-    return entry["title"] if entry else code
+    return _field("CAUSES", code, "title", lang, code)
 
 
 def cause_text(code: str, lang: str = "en") -> str:
-    entry = _cat(lang).CAUSES.get(code)
-    return entry["text"] if entry else ""
+    return _field("CAUSES", code, "text", lang, "")
 
 
 def remedy_title(code: str, lang: str = "en") -> str:
-    entry = _cat(lang).REMEDIES.get(code)
-    return entry["title"] if entry else code
+    return _field("REMEDIES", code, "title", lang, code)
 
 
 def remedy_text(code: str, lang: str = "en") -> str:
-    entry = _cat(lang).REMEDIES.get(code)
-    return entry["text"] if entry else ""
+    return _field("REMEDIES", code, "text", lang, "")
 
 
 def remedy_snippet(code: str, lang: str = "en") -> str:
-    entry = _cat(lang).REMEDIES.get(code)
-    return entry["snippet"] if entry else ""
+    return _field("REMEDIES", code, "snippet", lang, "")
 
 
 def note_text(code: str, lang: str = "en") -> str:

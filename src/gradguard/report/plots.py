@@ -11,6 +11,8 @@ the findings. matplotlib is imported only here, and only when a plot is drawn.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -67,16 +69,31 @@ def _short(names: list[str], n: int = 28) -> list[str]:
     return [s if len(s) <= n else "…" + s[-(n - 1):] for s in names]
 
 
+@contextmanager
+def _chart(lang: str, figsize: tuple[float, float]) -> Iterator[tuple[Any, Any, str]]:
+    """``(fig, ax, plot_lang)`` under the plot language's fonts; the layout is tightened at exit."""
+    plt = _plt()
+    pl = _plot_lang(lang)
+    with plt.rc_context(_rc(pl)):
+        fig, ax = plt.subplots(figsize=figsize)
+        yield fig, ax, pl
+        fig.tight_layout()
+
+
+def _labels(ax: Any, pl: str, x: str, y: str, title: str) -> None:
+    """The axes' labels and title, by message key, in ``pl``."""
+    ax.set_xlabel(M.ui(x, pl))
+    ax.set_ylabel(M.ui(y, pl))
+    ax.set_title(M.ui(title, pl))
+
+
 def layer_norm_chart(report: Report, lang: str = "en") -> Any:
     """Bar chart of each layer's median gradient norm (log scale), highlighted where a finding
     names the layer."""
-    plt = _plt()
-    pl = _plot_lang(lang)
     h = report.history
     med = h.layer_median()
     named = {layer for f in report.findings for layer in f.layers}
-    with plt.rc_context(_rc(pl)):
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(med) + 3), 3.6))
+    with _chart(lang, (max(6.0, 0.28 * len(med) + 3), 3.6)) as (fig, ax, pl):
         xs = list(range(len(med)))
         vals = [v if math.isfinite(v) and v > 0 else math.nan for v in med]
         colors = ["#d1495b" if layer in named else "#2e86ab" for layer in h.layers]
@@ -84,11 +101,8 @@ def layer_norm_chart(report: Report, lang: str = "en") -> Any:
         ax.set_yscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels(_short(h.layers), rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel(M.ui("axis_norm", pl))
-        ax.set_xlabel(M.ui("axis_layer", pl))
-        ax.set_title(M.ui("plot_layers", pl))
+        _labels(ax, pl, "axis_layer", "axis_norm", "plot_layers")
         ax.grid(axis="y", which="major", alpha=0.3)
-        fig.tight_layout()
     return fig
 
 
@@ -98,35 +112,27 @@ def norm_heatmap(report: Report, lang: str = "en") -> Any:
     import numpy as np
     from matplotlib.colors import LogNorm
 
-    pl = _plot_lang(lang)
     h = report.history
     data = np.array(h.layer_norm, dtype=float).T  # layers × steps
     bad = ~np.isfinite(data) | (data <= 0)
     masked = np.ma.masked_array(data, mask=bad)
     good = data[~bad]
-    with plt.rc_context(_rc(pl)):
-        fig, ax = plt.subplots(figsize=(8.0, max(2.6, 0.22 * data.shape[0] + 1.4)))
+    with _chart(lang, (8.0, max(2.6, 0.22 * data.shape[0] + 1.4))) as (fig, ax, pl):
         cmap = plt.get_cmap("viridis").with_extremes(bad="#bbbbbb")
         norm = LogNorm(vmin=float(good.min()), vmax=float(good.max())) if good.size and \
             good.min() < good.max() else None
         im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
         ax.set_yticks(range(len(h.layers)))
         ax.set_yticklabels(_short(h.layers), fontsize=7)
-        ax.set_xlabel(M.ui("axis_step", pl))
-        ax.set_ylabel(M.ui("axis_layer", pl))
-        ax.set_title(M.ui("plot_heatmap", pl))
+        _labels(ax, pl, "axis_step", "axis_layer", "plot_heatmap")
         fig.colorbar(im, ax=ax, label=M.ui("axis_norm", pl))
-        fig.tight_layout()
     return fig
 
 
 def loss_chart(report: Report, lang: str = "en") -> Any:
     """The loss per step; with trials, each applied remedy's loss curve beside it."""
-    plt = _plt()
-    pl = _plot_lang(lang)
     h = report.history
-    with plt.rc_context(_rc(pl)):
-        fig, ax = plt.subplots(figsize=(7.0, 3.4))
+    with _chart(lang, (7.0, 3.4)) as (fig, ax, pl):
         ax.plot(h.step, [v if math.isfinite(v) else math.nan for v in h.loss], color="black",
                 lw=2, label=M.ui("baseline", pl))
         for t in report.trials:
@@ -139,13 +145,10 @@ def loss_chart(report: Report, lang: str = "en") -> Any:
             finite += [v for v in t.loss_curve if math.isfinite(v) and v > 0]
         if finite and max(finite) / min(finite) > 100:
             ax.set_yscale("log")
-        ax.set_xlabel(M.ui("axis_step", pl))
-        ax.set_ylabel(M.ui("axis_loss", pl))
-        ax.set_title(M.ui("plot_trials" if report.trials else "plot_loss", pl))
+        _labels(ax, pl, "axis_step", "axis_loss", "plot_trials" if report.trials else "plot_loss")
         if report.trials:
             ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
     return fig
 
 
