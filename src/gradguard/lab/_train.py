@@ -70,6 +70,7 @@ def train_classifier(
     extra_loss: Callable[[], Tensor] | None = None,
     scheduler: Callable[[int], None] | None = None,
     eval_train: bool = True,
+    stop: Callable[[History], bool] | None = None,
 ) -> History:
     """Minibatch training on ``data`` for ``steps`` steps with cross-entropy.
 
@@ -84,6 +85,7 @@ def train_classifier(
         after_step: called with the step index and the minibatch loss after the update.
         extra_loss: a penalty added to the data loss (e.g. an L1 term).
         scheduler: called with the epoch index at the start of each epoch after the first.
+        stop: called after each evaluation; training ends early when it returns True.
     """
     hist = History()
     n = len(data.y_train)
@@ -131,6 +133,8 @@ def train_classifier(
             step += 1
             if step % eval_every == 0 or step == steps:
                 record()
+                if stop is not None and stop(hist):
+                    return hist
             if step >= steps:
                 break
         epoch += 1
