@@ -212,6 +212,19 @@ class CharCorpus:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    def split(self, val_fraction: float = 0.1) -> tuple[CharCorpus, CharCorpus]:
+        """The text cut in two: the first ``1 - val_fraction`` for training, the rest held out."""
+        check_probability("val_fraction", val_fraction, open_low=True, open_high=True)
+        cut = int(len(self.ids) * (1 - val_fraction))
+        return CharCorpus(self.ids[:cut], self.vocab), CharCorpus(self.ids[cut:], self.vocab)
+
+    def unigram_loss(self) -> float:
+        """Cross-entropy (nats) of predicting each character by its frequency: the loss a model
+        reaches by learning character counts only, with no context."""
+        counts = torch.bincount(self.ids, minlength=self.vocab_size).double()
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * p.log()).sum())
+
     def batch(self, batch_size: int, bptt: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``batch_size`` random windows of ``bptt`` characters and the characters that follow."""
         starts = torch.randint(0, len(self.ids) - bptt - 1, (batch_size,), generator=generator)
