@@ -40,6 +40,7 @@ __all__ = [
     "make_config",
     "run",
     "run_all",
+    "verdict_from",
 ]
 
 log = logging.getLogger(__name__)

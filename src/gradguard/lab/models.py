@@ -14,8 +14,6 @@ paper's set-up ("30 layers of 64 ReLU units, He init"). Initialisations:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -233,14 +231,3 @@ class SequenceRegressor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)
         return self.head(out[:, -1]).squeeze(-1)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def log10(x: float) -> float:
-    """log10 that gives -inf for 0 and NaN for NaN (used when reporting orders of magnitude)."""
-    if x != x:
-        return math.nan
-    return math.log10(x) if x > 0 else -math.inf

@@ -171,8 +171,8 @@ def plot(result: ExperimentResult) -> list:
     kinds = list(d["summary"])
     a2.bar([i - 0.2 for i in range(len(kinds))], [d["summary"][k]["data_grad"] for k in kinds], width=0.4,
            color=COLORS[0], label="‖∇ data loss‖")
-    a2.bar([i + 0.2 for i in range(len(kinds))], [max(d["summary"][k]["penalty_grad"], 1e-8) for k in kinds],
-           width=0.4, color=COLORS[1], label="‖∇ penalty‖")
+    pen = [(i, d["summary"][k]["penalty_grad"]) for i, k in enumerate(kinds) if d["summary"][k]["penalty_grad"] > 0]
+    a2.bar([i + 0.2 for i, _ in pen], [v for _, v in pen], width=0.4, color=COLORS[1], label="‖∇ penalty‖")
     a2.set_xticks(range(len(kinds)), kinds)
     a2.set(yscale="log", ylabel="gradient norm at the end", title="who sets the gradient scale")
     a2.legend(fontsize=8)
