@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gradguard.lab import Check, ExperimentResult, load_results, verdict_from  # noqa: F401
+from gradguard.lab import Check, ExperimentResult, verdict_from
 
 
 def _check(passed: bool, value: float = 1.0) -> Check:

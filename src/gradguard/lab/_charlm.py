@@ -39,13 +39,6 @@ class CharRun:
     def clipped_fraction(self) -> float:
         return sum(self.clipped) / len(self.clipped) if self.clipped else 0.0
 
-    def tail_loss(self, fraction: float = 0.1) -> float:
-        """Mean training loss over the last ``fraction`` of the steps (NaN if it diverged)."""
-        if self.diverged_at is not None or not self.loss:
-            return math.nan
-        k = max(1, int(len(self.loss) * fraction))
-        return sum(self.loss[-k:]) / k
-
 
 @torch.no_grad()
 def _held_out_loss(model: CharRNN, val: CharCorpus, bptt: int, batches: int, seed: int) -> float:

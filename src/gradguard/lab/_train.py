@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from gradguard.lab.datasets import Split
 from gradguard.stats import grad_stats
 
-__all__ = ["History", "accuracy", "evaluate", "layer_grad_norms", "minibatches", "train_classifier"]
+__all__ = ["History", "evaluate", "layer_grad_norms", "minibatches", "train_classifier"]
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -35,10 +35,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return loss, acc
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    return evaluate(model, x, y)[1]
 
 
 def layer_grad_norms(layers: list[nn.Module]) -> list[float]:

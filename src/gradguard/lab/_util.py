@@ -33,7 +33,7 @@ def geomean(xs: Iterable[float]) -> float:
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
-    """A compact number: ``0.072``, ``2.3e-06``, ``1.2e+04``, ``NaN``."""
+    """A compact number: ``0.072``, ``2.3e-06``, ``1160``, ``1.2e+04``, ``NaN``."""
     if x is None or x != x:
         return "NaN"
     if math.isinf(x):
@@ -43,6 +43,8 @@ def fmt(x: float | None, digits: int = 3) -> str:
     a = abs(x)
     if a >= 1e4 or a < 1e-2:
         return f"{x:.{max(digits - 2, 1)}e}"
+    if a >= 10 ** (digits - 1):
+        return f"{x:.0f}"
     return f"{x:.{digits}g}" if a >= 1 else f"{x:.{digits}f}".rstrip("0").rstrip(".") or "0"
 
 

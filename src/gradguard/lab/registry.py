@@ -36,7 +36,8 @@ class ExperimentInfo:
         setup_en, setup_ko: what is run, in one or two sentences.
         config: the full-run configuration (a frozen dataclass instance).
         quick_config: the quick configuration (seconds; used by the tests).
-        seconds_quick, seconds_full: expected wall time on one CPU core.
+        seconds_quick, seconds_full: expected wall time on one CPU core (measured on a shared
+            2-core machine).
         runner: ``runner(config) -> Outcome``.
         plotter: ``plotter(result) -> list[matplotlib Figure]``.
     """

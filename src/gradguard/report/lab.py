@@ -46,6 +46,9 @@ UI: dict[str, dict[str, str]] = {
     "ok": {"en": "supported", "ko": "뒷받침됨"},
     "not_ok": {"en": "not supported", "ko": "뒷받침 안 됨"},
     "config": {"en": "Configuration and deciding figures", "ko": "설정값과 판정 근거 수치"},
+    "field": {"en": "config field", "ko": "설정 항목"},
+    "figure": {"en": "deciding figure", "ko": "판정 근거 수치"},
+    "value": {"en": "value", "ko": "값"},
     "mode_quick": {"en": "quick mode (small set-ups for tests; verdicts can differ from a full run)",
                    "ko": "빠른 모드 (테스트용 작은 설정이라 전체 실행과 판정이 다를 수 있음)"},
     "mode_full": {"en": "full run", "ko": "전체 실행"},
@@ -110,11 +113,14 @@ def _section(result: ExperimentResult, lang: str) -> str:
     except Exception as exc:  # a plot must never cost the report the numbers
         log.warning("lab: plotting %s failed: %s", result.name, exc)
         figs.append(f'<p class="muted">{escape(_t("no_plot", lang))}: {escape(exc)}</p>')
-    figures = {k: v for k, v in result.figures.items()}
+    def rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(k, json.dumps(v, ensure_ascii=False)) for k, v in d.items()]
+
     details = (
         f"<details><summary>{escape(_t('config', lang))}</summary>"
-        f"<pre>{escape(json.dumps(result.config, ensure_ascii=False, indent=1))}</pre>"
-        f"<pre>{escape(json.dumps(figures, ensure_ascii=False, indent=1, allow_nan=True))}</pre></details>"
+        + table([_t("field", lang), _t("value", lang)], rows(result.config))
+        + table([_t("figure", lang), _t("value", lang)], rows(result.figures))
+        + "</details>"
     )
     note = _t("plots_note", lang)
     return (

@@ -209,8 +209,8 @@ INFO = ExperimentInfo(
              "쓴다. 시드는 2개.",
     config=Config(),
     quick_config=Config(depths=(10,), steps=150, n_seeds=1),
-    seconds_quick=2.5,
-    seconds_full=35.0,
+    seconds_quick=3.0,
+    seconds_full=45.0,
     runner=run,
     plotter=plot,
 )

@@ -185,8 +185,8 @@ INFO = ExperimentInfo(
              "마지막 은닉층 sigmoid 하나의 입력 백분위수를 테스트 세트에서 잰다. 시드는 2개.",
     config=Config(),
     quick_config=Config(steps=500, records=20, n_seeds=1),
-    seconds_quick=1.5,
-    seconds_full=15.0,
+    seconds_quick=1.0,
+    seconds_full=12.0,
     runner=run,
     plotter=plot,
 )

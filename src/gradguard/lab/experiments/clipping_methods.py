@@ -215,7 +215,7 @@ INFO = ExperimentInfo(
     config=Config(),
     quick_config=Config(thresholds=(0.01, 1.0, 100.0), steps=120, n_seeds=1),
     seconds_quick=3.0,
-    seconds_full=25.0,
+    seconds_full=18.0,
     runner=run,
     plotter=plot,
 )

@@ -192,8 +192,8 @@ INFO = ExperimentInfo(
              "비교한다. 조기 종료는 검증 손실 기준 patience 10. 시드는 2개.",
     config=Config(),
     quick_config=Config(n_train=300, n_val=300, width=128, epochs=30, n_seeds=1),
-    seconds_quick=2.0,
-    seconds_full=10.0,
+    seconds_quick=1.5,
+    seconds_full=9.0,
     runner=run,
     plotter=plot,
 )

@@ -205,8 +205,8 @@ INFO = ExperimentInfo(
              "시퀀스에서 잰다. 시드는 2개.",
     config=Config(),
     quick_config=Config(length=15, steps=400, explode_steps=100, test_size=500, n_seeds=1),
-    seconds_quick=3.5,
-    seconds_full=30.0,
+    seconds_quick=5.0,
+    seconds_full=35.0,
     runner=run,
     plotter=plot,
 )

@@ -292,8 +292,8 @@ INFO = ExperimentInfo(
              "4층을 표준 초기화로 SGD(lr 0.1, 배치 10) 3000 스텝 학습한다.",
     config=Config(),
     quick_config=Config(scale_steps=60, he_steps=260, glorot_steps=300, n_seeds=1),
-    seconds_quick=3.0,
-    seconds_full=22.0,
+    seconds_quick=3.5,
+    seconds_full=24.0,
     runner=run,
     plotter=plot,
 )

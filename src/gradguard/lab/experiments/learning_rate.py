@@ -196,8 +196,8 @@ INFO = ExperimentInfo(
              "시작해 스케줄마다 30 에포크를 돈다. 시드는 2개.",
     config=Config(),
     quick_config=Config(epochs=12, sweep_epochs=1, n_seeds=1),
-    seconds_quick=2.5,
-    seconds_full=30.0,
+    seconds_quick=4.0,
+    seconds_full=20.0,
     runner=run,
     plotter=plot,
 )

@@ -188,8 +188,8 @@ INFO = ExperimentInfo(
              "Adam 1e-3)의 0.3배, 1배, 3배를 돌려서 가장 좋은 결과로 비교한다. 시드는 2개.",
     config=Config(),
     quick_config=Config(steps=120, lr_multipliers=(1.0, 3.0), n_seeds=1),
-    seconds_quick=3.0,
-    seconds_full=40.0,
+    seconds_quick=4.0,
+    seconds_full=33.0,
     runner=run,
     plotter=plot,
 )

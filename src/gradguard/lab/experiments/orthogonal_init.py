@@ -163,8 +163,8 @@ INFO = ExperimentInfo(
              "lr = 0.01·2/depth(Saxe의 설정)와, 깊이와 상관없이 lr = 0.01인 경우를 따로 돌린다. 시드는 2개.",
     config=Config(),
     quick_config=Config(depths=(2, 40), n_seeds=1, max_steps=1500),
-    seconds_quick=4.0,
-    seconds_full=18.0,
+    seconds_quick=3.0,
+    seconds_full=38.0,
     runner=run,
     plotter=plot,
 )

@@ -208,7 +208,7 @@ INFO = ExperimentInfo(
     config=Config(),
     quick_config=Config(steps=400, pretrain_epochs=2, n_seeds=1),
     seconds_quick=2.0,
-    seconds_full=14.0,
+    seconds_full=12.0,
     runner=run,
     plotter=plot,
 )

@@ -195,7 +195,7 @@ INFO = ExperimentInfo(
     config=Config(),
     quick_config=Config(steps=400, n_seeds=1),
     seconds_quick=2.0,
-    seconds_full=12.0,
+    seconds_full=9.0,
     runner=run,
     plotter=plot,
 )

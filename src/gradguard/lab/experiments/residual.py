@@ -162,8 +162,8 @@ INFO = ExperimentInfo(
              "decay 1e-4, 배치 64)로 300 스텝(15 에포크), 시드 2개.",
     config=Config(),
     quick_config=Config(depths=(6, 24), steps=150, n_seeds=1),
-    seconds_quick=3.0,
-    seconds_full=28.0,
+    seconds_quick=2.0,
+    seconds_full=22.0,
     runner=run,
     plotter=plot,
 )

@@ -244,8 +244,8 @@ INFO = ExperimentInfo(
              "층별 이득의 곱과 비교한다.",
     config=Config(),
     quick_config=Config(depths=(2, 5, 10), n_seeds=2, batch_size=256),
-    seconds_quick=1.0,
-    seconds_full=4.0,
+    seconds_quick=1.5,
+    seconds_full=3.0,
     runner=run,
     plotter=plot,
 )
