@@ -164,7 +164,8 @@ def lab_html(results: Sequence[ExperimentResult], *, lang: str = "en", quick: bo
         f"<h1>{escape(_t('title', lang))}</h1>"
         f"<p>{_t('intro', lang)}</p>"
         f'<p class="muted">{escape(_t("run", lang))}: gradguard {escape(__version__)}, {escape(mode)}, '
-        f"seed {seed}, {total:.0f} s. {escape(tally)}.</p>"
+        + (f"시드 {seed}, {total:.0f}초" if lang == "ko" else f"seed {seed}, {total:.0f} s")
+        + f". {escape(tally)}.</p>"
         f"<h2>{escape(_t('summary', lang))}</h2>"
         + table([_t("experiment", lang), _t("claim", lang), _t("verdict", lang), _t("numbers", lang),
                  _t("time", lang)], summary_rows, raw=True)

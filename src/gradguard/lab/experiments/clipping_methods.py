@@ -41,7 +41,9 @@ METHODS: dict[str, Callable[[float], Callable[[list[torch.nn.Parameter]], None] 
     "value": lambda t: partial(clip_grad_value_, clip_value=t),
     "agc": lambda t: partial(adaptive_clip_grad_, clipping=t),
 }
-"""Clipping rules by name: each maps a threshold to a rule ``rule(params)`` (None = no clipping)."""
+"""Clipping rules by name: each maps a threshold to a rule ``rule(params)`` that clips the
+gradients in place (None = no clipping). The factory is called once per run, so a stateful rule
+(a policy with a history) starts fresh for every seed and setting."""
 
 
 @dataclass(frozen=True)

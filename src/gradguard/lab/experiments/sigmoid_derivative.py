@@ -157,9 +157,9 @@ def run(cfg: Config) -> Outcome:
         "For a sigmoid net the ratio falls geometrically with depth: log ‖δ₁‖/‖δ_L‖ is a straight "
         "line in depth, with a per-layer factor below 0.5.",
         "sigmoid 신경망에서는 이 비율이 깊이에 따라 기하급수적으로 줄어든다. 즉 log ‖δ₁‖/‖δ_L‖이 깊이에 대해 "
-        "직선이고, 층당 감소율은 0.5보다 작다.",
+        "직선이고, 층마다 곱해지는 배율은 0.5보다 작다.",
         f"{sig_key}: per-layer factor {factor:.3f} (fit over depths {depths[0]}–{depths[-1]}, R² = {r2:.4f}).",
-        f"{sig_key}: 층당 감소율 {factor:.3f} (깊이 {depths[0]}–{depths[-1]}에 직선 적합, R² = {r2:.4f}).",
+        f"{sig_key}: 층당 배율 {factor:.3f} (깊이 {depths[0]}–{depths[-1]}에 직선 적합, R² = {r2:.4f}).",
         f"x{factor:.3f}/layer, R² {r2:.3f}",
         {"per_layer_factor": factor, "fit_r2": r2},
     ))
