@@ -135,7 +135,7 @@ def run(cfg: Config) -> Outcome:
         f"vs {fmt(gap['baseline'])}; test accuracy {dr['acc'][-1]:.3f} vs {b['acc'][-1]:.3f}.",
         f"최종 테스트 손실: 드롭아웃 {fmt(dr['test'][-1])}, 기준 {fmt(b['test'][-1])}. 차이 {fmt(gap['dropout'])} 대 "
         f"{fmt(gap['baseline'])}. 테스트 정확도 {dr['acc'][-1]:.3f} 대 {b['acc'][-1]:.3f}.",
-        f"dropout test loss {fmt(dr['test'][-1])} vs {fmt(b['test'][-1])}",
+        f"dropout: test loss {fmt(dr['test'][-1])} vs {fmt(b['test'][-1])}, acc {dr['acc'][-1]:.3f} vs {b['acc'][-1]:.3f}",
         {"dropout_final_test_loss": dr["test"][-1], "dropout_gap": gap["dropout"], "baseline_gap": gap["baseline"]},
     ))
     ok = es_test < b["test"][-1] and es_stopped < cfg.epochs and es_acc >= b["acc"][-1] - tol
@@ -149,7 +149,7 @@ def run(cfg: Config) -> Outcome:
         f"{fmt(es_test)} vs {fmt(b['test'][-1])} at epoch {cfg.epochs}; test accuracy {es_acc:.3f} vs {b['acc'][-1]:.3f}.",
         f"복원한 에포크 {fmt(es_epoch)}, 멈춘 에포크 {fmt(es_stopped)} (시드 평균). 테스트 손실 {fmt(es_test)}, "
         f"{cfg.epochs} 에포크까지 학습하면 {fmt(b['test'][-1])}. 테스트 정확도 {es_acc:.3f} 대 {b['acc'][-1]:.3f}.",
-        f"early-stopped test loss {fmt(es_test)} vs {fmt(b['test'][-1])}",
+        f"early stop: test loss {fmt(es_test)} vs {fmt(b['test'][-1])}, acc {es_acc:.3f} vs {b['acc'][-1]:.3f}",
         {"early_stop_test_loss": es_test, "early_stop_epoch": es_epoch},
     ))
     data = {"epochs": epochs_axis, "curves": avg, "early_stop_epoch": es_epoch,
