@@ -15,6 +15,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ class Config:
     seed: int = 0
 
 
-def _penalty(kind: str, weights: list[torch.Tensor], cfg: Config):  # noqa: ANN202 - closure
+def _penalty(kind: str, weights: list[torch.Tensor], cfg: Config) -> Callable[[], torch.Tensor] | None:
     if kind == "l2":
         return lambda: cfg.l2 * sum(w.pow(2).sum() for w in weights)
     if kind == "l1":
