@@ -59,3 +59,11 @@ def test_guard_findings_quiet_on_a_healthy_network() -> None:
     guard = gg.Guard(model, clip=1.0, flush_every=10)
     _train(model, opt, guard, torch.randn(128, 16), torch.randint(0, 3, (128,)))
     assert guard.findings() == []
+
+
+def test_lab_report_renders_in_chromium(tmp_path: Path) -> None:
+    assert main(["lab", "sigmoid_derivative", "clipping_rnn", "--quick", "-o", str(tmp_path)]) == 0
+    html = tmp_path / "report.html"
+    loaded, total = image_load_counts(html, tmp_path)
+    assert total >= 2 and loaded == total
+    assert not is_blank(screenshot(html, tmp_path / "lab.png"))

@@ -20,6 +20,7 @@ from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
 from gradguard.sinks import CSVSink, JSONLSink, TensorBoardSink
 from gradguard.spike import SpikePolicy
 from gradguard.stats import GradStats, grad_stats
+from gradguard import lab  # noqa: E402  (the lab imports its heavy dependencies lazily)
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,5 @@ __all__ = [
     "diagnose",
     "get_total_norm",
     "grad_stats",
+    "lab",
 ]

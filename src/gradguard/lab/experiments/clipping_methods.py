@@ -25,21 +25,44 @@ from functools import partial
 
 import torch
 
+from gradguard._plan import ParamPlan
 from gradguard.clip import adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_
 from gradguard.lab._charlm import CharRun, smooth, train_char_rnn
 from gradguard.lab._result import Check, ExperimentResult
 from gradguard.lab._util import fmt, mean, seed_list
 from gradguard.lab.datasets import char_corpus
 from gradguard.lab.registry import ExperimentInfo, Outcome
+from gradguard.policies import AutoClip, ClipPolicy, ZClip
+from gradguard.stats import compute_stats
 
 __all__ = ["Config", "INFO", "METHODS", "plot", "run"]
 
-# AutoClip/ZClip join when gradguard.policies lands
+def _policy_rule(policy: ClipPolicy) -> Callable[[list[torch.nn.Parameter]], None]:
+    """A stateful gradguard policy as an in-place rule: the same calls a Guard makes each step."""
+    state: dict[str, ParamPlan] = {}
+
+    def rule(params: list[torch.nn.Parameter]) -> None:
+        if "plan" not in state:
+            holder = torch.nn.ParameterList(params)
+            state["plan"] = ParamPlan.from_module(holder)
+            policy.bind(holder, state["plan"])
+        plan = state["plan"]
+        grads = plan.grads()
+        stats = compute_stats(grads, policy.norm_type)
+        policy.clip_(plan.params, grads, stats, stats.nonfinite)
+
+    return rule
+
+
 METHODS: dict[str, Callable[[float], Callable[[list[torch.nn.Parameter]], None] | None]] = {
     "none": lambda _t: None,
     "norm": lambda t: partial(clip_grad_norm_, max_norm=t),
     "value": lambda t: partial(clip_grad_value_, clip_value=t),
     "agc": lambda t: partial(adaptive_clip_grad_, clipping=t),
+    "autoclip": lambda t: _policy_rule(AutoClip(percentile=t)),
+    "zclip": lambda t: _policy_rule(ZClip(z_thresh=t)),
+    # zclip 1.0.0 (PyPI) caps every step at max_grad_norm=1.0 unless told otherwise; this is that.
+    "zclip_cap1": lambda t: _policy_rule(ZClip(z_thresh=t, max_norm=1.0)),
 }
 """Clipping rules by name: each maps a threshold to a rule ``rule(params)`` that clips the
 gradients in place (None = no clipping). The factory is called once per run, so a stateful rule
@@ -52,12 +75,17 @@ class Config:
 
     Attributes:
         methods: (rule, threshold) pairs compared; rules are the keys of :data:`METHODS`
-            (``norm``: max_norm, ``value``: clip_value, ``agc``: lambda).
+            (``norm``: max_norm, ``value``: clip_value, ``agc``: lambda, ``autoclip``: the
+            percentile p of the norm history, ``zclip``: the z-score threshold, ``zclip_cap1``: the
+            same with the PyPI package's default cap of 1.0).
         thresholds: the norm-clipping thresholds of the trade-off sweep.
         warmup: fraction of the steps left out of the stability measure (largest loss).
     """
 
-    methods: tuple[tuple[str, float], ...] = (("none", 0.0), ("norm", 1.0), ("value", 0.1), ("agc", 0.01))
+    methods: tuple[tuple[str, float], ...] = (
+        ("none", 0.0), ("norm", 1.0), ("value", 0.1), ("agc", 0.01), ("autoclip", 10.0), ("zclip", 2.5),
+        ("zclip_cap1", 2.5),
+    )
     thresholds: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     text: str = "auto"
     embed: int = 32
@@ -208,12 +236,12 @@ INFO = ExperimentInfo(
            "Large-Scale Image Recognition Without Normalization\", ICML (AGC); Seetharaman et al. "
            "(2020), AutoClip, MLSP; Kumar et al. (2025), ZClip",
     setup_en="A tanh RNN (embedding 32, 64 units) on the Tiny Shakespeare slice, plain SGD at lr 5, "
-             "bptt 25, batch 32, 300 steps; no clipping, norm (1), value (0.1) and AGC (0.01), "
-             "then norm thresholds 0.01–100; 2 seeds. AutoClip and ZClip join when "
-             "gradguard.policies lands.",
+             "bptt 25, batch 32, 300 steps; no clipping, norm (1), value (0.1), AGC (0.01), "
+             "AutoClip (10th percentile) and ZClip (z 2.5, without and with the zclip package's "
+             "default cap of 1.0), then norm thresholds 0.01–100; 2 seeds.",
     setup_ko="tanh RNN(임베딩 32, 유닛 64)을 Tiny Shakespeare 일부로 학습한다. lr 5의 순수 SGD, bptt 25, "
-             "배치 32, 300 스텝. 클리핑 없음, 노름(1), 값(0.1), AGC(0.01)를 비교한 뒤 노름 임계값을 0.01부터 "
-             "100까지 바꿔 본다. 시드는 2개. AutoClip과 ZClip은 gradguard.policies가 들어오면 추가된다.",
+             "배치 32, 300 스텝. 클리핑 없음, 노름(1), 값(0.1), AGC(0.01), AutoClip(10번째 백분위수), "
+             "ZClip(z 2.5, zclip 패키지 기본값인 상한 1.0 없이/있이)을 비교한 뒤 노름 임계값을 0.01부터 100까지 바꿔 본다. 시드는 2개.",
     config=Config(),
     quick_config=Config(thresholds=(0.01, 1.0, 100.0), steps=120, n_seeds=1),
     seconds_quick=3.0,
