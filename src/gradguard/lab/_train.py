@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from gradguard.lab.datasets import Split
 from gradguard.stats import grad_stats
 
-__all__ = ["History", "evaluate", "layer_grad_norms", "minibatches", "train_classifier"]
+__all__ = ["History", "evaluate", "grad_ratio", "layer_grad_norms", "minibatches", "train_classifier"]
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -41,6 +41,18 @@ def layer_grad_norms(layers: list[nn.Module]) -> list[float]:
     """The L2 norm of each layer's weight gradient (one pass through ``gradguard.grad_stats``)."""
     weights = [m.weight for m in layers]
     return grad_stats(weights).per_tensor_norm.tolist()
+
+
+def grad_ratio(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """‖∇W₁‖ / ‖∇W_L‖ over the hidden layers of ``model.linears`` for one cross-entropy backward.
+
+    The gradients are cleared before and after; NaN if the last hidden layer's gradient is zero.
+    """
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    norms = layer_grad_norms(list(model.linears[:-1]))
+    model.zero_grad(set_to_none=True)
+    return norms[0] / norms[-1] if norms[-1] > 0 else math.nan
 
 
 @dataclass

@@ -19,10 +19,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gradguard.lab._result import Check, ExperimentResult
-from gradguard.lab._train import layer_grad_norms, train_classifier
+from gradguard.lab._train import grad_ratio, train_classifier
 from gradguard.lab._util import fmt, geomean, mean, seed_list
 from gradguard.lab.datasets import digits
 from gradguard.lab.models import MLP
@@ -67,14 +66,6 @@ def _init_for(cfg: Config, act: str) -> str:
     return "xavier" if act in _SATURATING else "he"
 
 
-def _grad_ratio(model: MLP, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    norms = layer_grad_norms(list(model.linears[:-1]))
-    model.zero_grad(set_to_none=True)
-    return norms[0] / norms[-1] if norms[-1] > 0 else math.nan
-
-
 def run(cfg: Config) -> Outcome:
     data_split = digits()
     probe_x, probe_y = data_split.x_train[:256], data_split.y_train[:256]
@@ -91,7 +82,7 @@ def run(cfg: Config) -> Outcome:
             for s in seed_list(cfg):
                 torch.manual_seed(s)
                 model = MLP(data_split.n_features, 10, cfg.width, depth, act, _init_for(cfg, act))
-                ratios.append(_grad_ratio(model, probe_x, probe_y))
+                ratios.append(grad_ratio(model, probe_x, probe_y))
                 opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
                 hist = train_classifier(
                     model, data_split, opt, steps=cfg.steps, batch_size=cfg.batch_size,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gradguard.lab._result import Check, ExperimentResult
-from gradguard.lab._train import layer_grad_norms, minibatches, train_classifier
+from gradguard.lab._train import grad_ratio, minibatches, train_classifier
 from gradguard.lab._util import fmt, geomean, mean, seed_list
 from gradguard.lab.datasets import digits
 from gradguard.lab.models import MLP
@@ -94,14 +94,6 @@ def pretrain_(model: MLP, x: torch.Tensor, *, epochs: int, lr: float, batch_size
     return losses
 
 
-def _grad_ratio(model: MLP, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    norms = layer_grad_norms(list(model.linears[:-1]))
-    model.zero_grad(set_to_none=True)
-    return norms[0] / norms[-1] if norms[-1] > 0 else math.nan
-
-
 def run(cfg: Config) -> Outcome:
     data_split = digits()
     probe_x, probe_y = data_split.x_train[:256], data_split.y_train[:256]
@@ -120,7 +112,7 @@ def run(cfg: Config) -> Outcome:
                 rec_losses.append(pretrain_(model, data_split.x_train, epochs=cfg.pretrain_epochs,
                                             lr=cfg.pretrain_lr, batch_size=cfg.batch_size,
                                             generator=torch.Generator().manual_seed(s)))
-            ratio[kind].append(_grad_ratio(model, probe_x, probe_y))
+            ratio[kind].append(grad_ratio(model, probe_x, probe_y))
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
             hist = train_classifier(model, data_split, opt, steps=cfg.steps, batch_size=cfg.batch_size,
                                     generator=torch.Generator().manual_seed(s),
