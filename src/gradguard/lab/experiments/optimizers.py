@@ -123,13 +123,18 @@ def run(cfg: Config) -> Outcome:
         {"sgd_final_loss": best["sgd"]["final"], "momentum_final_loss": best["momentum"]["final"]},
     ))
     adaptive = [n for n in _ADAPTIVE if n in best]
+
+    def adaptive_vs(ref: str) -> tuple[str, str]:
+        """Evidence (en, ko): the adaptive methods' final losses next to ``ref``'s."""
+        return ("final training loss: " + "; ".join(describe(n) for n in adaptive) + f"; {describe(ref)}.",
+                "최종 학습 손실: " + "; ".join(describe_ko(n) for n in adaptive) + f"; {describe_ko(ref)}.")
+
     ok = all(best[n]["score"] < sgd for n in adaptive)
     checks.append(Check(
         "adaptive_beat_sgd", ok,
         "Each adaptive method (Adagrad, RMSProp, Adam) trains it faster than plain SGD.",
         "적응형 방법(Adagrad, RMSProp, Adam)은 모두 순수 SGD보다 빨리 학습시킨다.",
-        "final training loss: " + "; ".join(describe(n) for n in adaptive) + f"; {describe('sgd')}.",
-        "최종 학습 손실: " + "; ".join(describe_ko(n) for n in adaptive) + f"; {describe_ko('sgd')}.",
+        *adaptive_vs("sgd"),
         "adaptive " + ", ".join(f"{n} {fmt(best[n]['final'])}" for n in adaptive) + f" vs SGD {fmt(best['sgd']['final'])}",
         {f"{n}_final_loss": best[n]["final"] for n in adaptive},
     ))
@@ -138,8 +143,7 @@ def run(cfg: Config) -> Outcome:
         "adaptive_beat_momentum", ok,
         "The adaptive methods also beat momentum (each at its best rate).",
         "적응형 방법은 모멘텀보다도 낫다 (각자 가장 좋은 학습률에서).",
-        "final training loss: " + "; ".join(describe(n) for n in adaptive) + f"; {describe('momentum')}.",
-        "최종 학습 손실: " + "; ".join(describe_ko(n) for n in adaptive) + f"; {describe_ko('momentum')}.",
+        *adaptive_vs("momentum"),
         f"best adaptive {fmt(min(best[n]['final'] for n in adaptive))} vs momentum {fmt(best['momentum']['final'])}",
         {"momentum_final_loss": best["momentum"]["final"]},
     ))
