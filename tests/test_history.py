@@ -65,7 +65,9 @@ def test_jsonl_round_trip_keeps_nonfinite(tmp_path) -> None:
     _fill(buf, 10)
     hist = buf.flush()
     hist.global_norm[2] = math.inf
-    hist.layer_norm[2][1] = math.nan
+    row = hist.layer_norm[2]
+    row[1] = math.nan
+    hist.layer_norm[2] = row  # rows are copies: assign the row back
     path = tmp_path / "run.jsonl"
     hist.to_jsonl(path)
     back = History.from_jsonl(path)

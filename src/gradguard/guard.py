@@ -402,7 +402,8 @@ class Guard:
                     f"`loss` must be a scalar, got a tensor of shape {tuple(loss.shape)}; pass "
                     "loss.mean() (or the value you called backward() on)."
                 )
-            return loss.detach().reshape(())
+            loss = loss.detach() if loss.requires_grad else loss
+            return loss if loss.dim() == 0 else loss.reshape(())
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
             return torch.tensor(float(loss), device=self._plan.device)
         raise TypeError(f"`loss` must be a Tensor, a number or None, got {type(loss).__name__}.")
@@ -508,11 +509,10 @@ class Guard:
         spike = self._false
         if spike_policy is not None and spike_policy.detecting:
             spike = spike_policy.detect(stats.global_norm, loss_t, nonfinite)
-        skip = self._false
-        if self.skip_nonfinite:
-            skip = skip | nonfinite
-        if spike_policy is not None and spike_policy.skip:
-            skip = skip | spike
+        # Host-side choices, so that no op runs for a flag that is constant False.
+        skip = nonfinite if self.skip_nonfinite else self._false
+        if spike_policy is not None and spike_policy.skip and spike is not self._false:
+            skip = skip | spike if self.skip_nonfinite else spike
 
         if self.clip is not None:
             threshold, clipped = self.clip.clip_(plan.params, grads, stats, skip)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_norm_type, check_positive, check_probability
-from gradguard._ema import warmup_then_ema
+from gradguard._ema import running_update
 from gradguard._plan import ParamPlan
 from gradguard.clip import _check_eps, clip_coef, scale_
 from gradguard.stats import GradStats, acc_dtype
@@ -186,6 +186,7 @@ class FixedClip(ClipPolicy):
         self.norm_type = check_norm_type(norm_type)
         self.eps = _check_eps(eps)
         self._thr: Tensor | None = None
+        self._one: Tensor | None = None
 
     def _config(self) -> dict[str, Any]:
         return {"max_norm": self.max_norm, "norm_type": self.norm_type, "eps": self.eps}
@@ -195,8 +196,9 @@ class FixedClip(ClipPolicy):
         total = stats.global_norm
         if self._thr is None or self._thr.device != total.device or self._thr.dtype != total.dtype:
             self._thr = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
+            self._one = torch.ones((), dtype=total.dtype, device=total.device)
         coef = clip_coef(total, self._thr, self.eps)
-        coef = torch.where(skip | stats.nonfinite, torch.ones_like(coef), coef)
+        coef = torch.where(skip | stats.nonfinite, self._one, coef)
         scale_(_present(grads), coef)
         return self._thr, coef < 1
 
@@ -563,27 +565,26 @@ class AutoClip(ClipPolicy):
             history=torch.zeros(self.window, dtype=dt, device=device),
             count=torch.zeros((), dtype=torch.int64, device=device),
         )
+        self._slots = torch.arange(self.window, device=device)
+        self._inf = torch.full((), math.inf, dtype=dt, device=device)
 
     def _write(self, st: AutoClipState, norm: Tensor, accept: Tensor) -> AutoClipState:
-        idx = torch.remainder(st.count, self.window).reshape(1)
-        old = st.history.index_select(0, idx)
-        new = torch.where(accept, norm.reshape(1), old)
-        return AutoClipState(st.history.index_copy(0, idx, new), st.count + accept.to(torch.int64))
+        slot = (self._slots == torch.remainder(st.count, self.window)) & accept
+        return AutoClipState(torch.where(slot, norm, st.history), st.count + accept)
 
     def _threshold(self, st: AutoClipState) -> Tensor:
-        w = self.window
-        n_valid = torch.clamp(st.count, max=w)
-        slots = torch.arange(w, device=st.history.device)
-        ordered = torch.sort(torch.where(slots < n_valid, st.history, math.inf)).values
+        n_valid = torch.clamp(st.count, max=self.window)
+        ordered = torch.sort(torch.where(self._slots < n_valid, st.history, self._inf)).values
         last = torch.clamp(n_valid - 1, min=0)
+        # numpy's linear interpolation: position q * (n - 1), between its floor and the next
+        # (the floor never exceeds n - 1: q <= 1).
         pos = (self.percentile / 100.0) * last.to(ordered.dtype)
-        lo = torch.minimum(pos.floor().to(torch.int64), last)
-        hi = torch.minimum(lo + 1, last)
-        v_lo = ordered.index_select(0, lo.reshape(1))
-        v_hi = ordered.index_select(0, hi.reshape(1))
+        lo = pos.floor()
+        lo_i = lo.to(torch.int64)
+        hi_i = torch.minimum(lo_i + 1, last)
         # torch.lerp switches formula at weight 0.5 exactly as numpy's and torch.quantile's do.
-        tau = torch.lerp(v_lo, v_hi, (pos - lo.to(pos.dtype)).reshape(1)).reshape(())
-        tau = torch.where(n_valid > 0, tau, math.inf)
+        tau = torch.lerp(torch.take(ordered, lo_i), torch.take(ordered, hi_i), pos - lo)
+        tau = torch.where(n_valid > 0, tau, self._inf)
         if self.max_norm is not None:
             tau = torch.clamp(tau, max=self.max_norm)
         return tau
@@ -593,7 +594,7 @@ class AutoClip(ClipPolicy):
         total = stats.global_norm
         st = self.state
         norm = total.to(st.history.dtype)
-        accept = ~skip & torch.isfinite(norm)
+        accept = ~(skip | stats.nonfinite)
         if self.include_current:
             st = self._write(st, norm, accept)
             tau = self._threshold(st)
@@ -602,21 +603,23 @@ class AutoClip(ClipPolicy):
             st = self._write(st, norm, accept)
         self.state = st
         thr = tau.to(total.dtype)
-        coef = clip_coef(total, thr, self.eps)
-        coef = torch.where(accept, coef, torch.ones_like(coef))
+        coef = torch.where(accept, clip_coef(total, thr, self.eps), 1.0)
         scale_(_present(grads), coef)
         return thr, coef < 1
 
 
 # ---------------------------------------------------------------------------------------------
 class ZClipState(NamedTuple):
-    """ZClip's state: the EMA mean and variance, and the Welford warm-up accumulators."""
+    """ZClip's state: the running mean and variance of the accepted norms (:mod:`gradguard._ema`).
 
-    mean: Tensor  # 0-dim float64 EMA of the norm (valid once count == warmup)
-    var: Tensor  # 0-dim float64 EMA of the squared deviation
+    During the warm-up they are the mean and population variance of the norms seen so far
+    (gradguard 0.1 kept those in two extra Welford fields, ``w_mean``/``w_m2``, which
+    :meth:`ZClip.load_state_dict` converts), then their EMA.
+    """
+
+    mean: Tensor  # 0-dim float64: warm-up mean, then EMA of the norm
+    var: Tensor  # 0-dim float64: warm-up variance, then EMA of the squared deviation
     count: Tensor  # 0-dim int64, accepted warm-up norms (stops at warmup)
-    w_mean: Tensor  # Welford running mean over the warm-up
-    w_m2: Tensor  # Welford running sum of squared deviations
 
 
 class ZClip(ClipPolicy):
@@ -704,56 +707,71 @@ class ZClip(ClipPolicy):
     def _init_state(self, device: torch.device) -> None:
         dt = _stat_dtype(device)
         z = torch.zeros((), dtype=dt, device=device)
-        self.state = ZClipState(z, z.clone(), torch.zeros((), dtype=torch.int64, device=device),
-                                z.clone(), z.clone())
+        self.state = ZClipState(z, z.clone(), torch.zeros((), dtype=torch.int64, device=device))
+        self._consts = (torch.ones((), dtype=dt, device=device),
+                        torch.full((), math.inf, dtype=dt, device=device))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("state")
+        if isinstance(saved, dict) and "w_mean" in saved:
+            # gradguard 0.1 kept the warm-up in Welford fields (mean, sum of squared deviations).
+            warm = saved["count"] < self.warmup
+            n = saved["count"].clamp(min=1).to(saved["w_m2"].dtype)
+            saved = {**saved, "mean": torch.where(warm, saved["w_mean"], saved["mean"]),
+                     "var": torch.where(warm, saved["w_m2"] / n, saved["var"])}
+            state_dict = {**state_dict, "state": saved}
+        super().load_state_dict(state_dict)
 
     def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
               skip: Tensor) -> tuple[Tensor, Tensor]:
+        # Every line is a handful of 0-dim ops; ~45 in all (the per-step cost of a small model).
         total = stats.global_norm
         st = self.state
+        one, inf = self._consts
         g = total.to(st.mean.dtype)
-        finite = torch.isfinite(g)
-        accept = ~skip & finite
+        finite = ~stats.nonfinite
+        accept = finite & ~skip
         warm = st.count < self.warmup
-        inf = torch.full_like(g, math.inf)
+        ready = ~warm
 
         # After warm-up: z-score against the EMA (the state before this step).
         std = torch.sqrt(st.var)
-        z = (g - st.mean) / (std + self.eps)
+        se = std + self.eps
+        z = (g - st.mean) / se
+        zt = self.z_thresh
         if self.mode == "percentile":
-            bound = st.mean + self.z_thresh * std
+            bound = st.mean + zt * std
             spike = g > bound
             tau_spike = bound
         else:
-            bound = st.mean + self.z_thresh * (std + self.eps)
-            spike = z > self.z_thresh
+            bound = st.mean + zt * se
+            spike = z > zt
             if self.clip_option == "adaptive_scaling":
-                eta = z / self.z_thresh
-                tau_spike = (st.mean + (self.z_thresh * std) / eta) * self.clip_factor
+                tau_spike = st.mean + (zt * std) / (z / zt)
+                if self.clip_factor != 1.0:
+                    tau_spike = tau_spike * self.clip_factor
             else:
                 tau_spike = st.mean
-        spike = spike & ~warm & finite
-        effective = torch.where(spike, tau_spike, g)
-        if self.max_norm is not None:
-            effective = torch.clamp(effective, max=self.max_norm)
+        spike = spike & (ready & finite)
+        # What the EMA is fed (zclip's rule): the clipped value on a spike, else the norm.
+        fed = torch.where(spike, tau_spike, g)
+        do_ema = accept & ready
+        if self.max_norm is None:
+            effective = fed
+            # During the warm-up (and on a skipped step) the gradients are left alone.
+            coef = torch.where(do_ema & (g > effective), effective / (g + 1e-6), one)
+            threshold = torch.where(warm, inf, torch.where(spike, effective, bound))
+        else:  # zclip clips warm-up steps with torch's clip_grad_norm_, and caps every threshold
+            effective = torch.clamp(fed, max=self.max_norm)
             bound = torch.clamp(bound, max=self.max_norm)
-        coef_ready = torch.where(g > effective, effective / (g + 1e-6), torch.ones_like(g))
-        if self.max_norm is not None:  # zclip clips warm-up steps with torch's clip_grad_norm_
+            coef_ready = torch.where(g > effective, effective / (g + 1e-6), one)
             coef_warm = torch.clamp(self.max_norm / (g + 1e-6), max=1.0)
-            thr_warm = torch.full_like(g, self.max_norm)
-        else:
-            coef_warm, thr_warm = torch.ones_like(g), inf
-        coef = torch.where(warm, coef_warm, coef_ready)
-        coef = torch.where(accept, coef, torch.ones_like(coef))
-        threshold = torch.where(warm, thr_warm, torch.where(spike, effective, bound))
+            coef = torch.where(accept, torch.where(warm, coef_warm, coef_ready), one)
+            threshold = torch.where(warm, self.max_norm, torch.where(spike, effective, bound))
 
-        # Warm-up: Welford over the accepted norms; the warmup-th one starts the EMA, which is
-        # fed with the clipped value on a spike (zclip's rule).
-        x = torch.where(spike, tau_spike, g)
-        do_ema = accept & ~warm
         if self.skip_update_on_spike:
             do_ema = do_ema & ~spike
-        self.state = ZClipState(*warmup_then_ema(st, g, accept, x, do_ema, self.alpha, self.warmup))
+        self.state = ZClipState(*running_update(st, fed, accept, do_ema, self.alpha, self.warmup, warm))
         coef = coef.to(total.dtype)
         scale_(_present(grads), coef)
         return threshold.to(total.dtype), coef < 1
