@@ -523,3 +523,131 @@ def test_agc_unbound_says_to_bind_first():
     plan = ParamPlan.from_module(model)
     with pytest.raises(RuntimeError, match=r"AGC is not bound to a model.*gg\.Guard\(model, clip=gg\.AGC"):
         apply(gg.AGC(), plan)
+
+
+# --------------------------------------------------------------------------------------------
+# AGC on the batched path: timm's formula bit for bit, its statistics, the tied head
+def _timm_formula_agc_(params, clipping, eps=1e-3):
+    """timm's adaptive_clip_grad written out per tensor (unitwise_norm, clamp, where)."""
+    for p in params:
+        g = p.grad
+        dims = tuple(range(1, p.ndim)) if p.ndim > 1 else None
+        w_n = p.detach().norm(2.0, dim=dims, keepdim=True) if dims else p.detach().norm(2.0)
+        g_n = g.norm(2.0, dim=dims, keepdim=True) if dims else g.norm(2.0)
+        max_norm = w_n.clamp(min=eps).mul_(clipping)
+        clipped = g * (max_norm / g_n.clamp(min=1e-6))
+        p.grad = torch.where(g_n < max_norm, g, clipped)
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.gain = nn.Parameter(torch.ones(()))
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc((torch.relu(self.conv(x)) * self.gain).flatten(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_agc_guard_path_is_timm_bit_for_bit(dtype):
+    torch.manual_seed(3)
+    ma = _Conv().to(dtype)
+    mb = _Conv().to(dtype)
+    mb.load_state_dict(ma.state_dict())
+    x = torch.randn(4, 3, 6, 6, dtype=dtype)
+    for m in (ma, mb):
+        (m(x) * 50).sum().backward()
+    pol = gg.AGC(0.02, exclude=())
+    guard = gg.Guard(mb, clip=pol, measure_updates=0)
+    plan_grads = [p.grad.clone() for p in mb.parameters()]
+    _timm_formula_agc_(ma.parameters(), 0.02)
+    out = guard.step(torch.optim.SGD(mb.parameters(), lr=0.0))
+    assert bool(out.clipped)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ma.parameters(), mb.parameters()))
+    # the statistics the Guard recorded came from AGC's unit norms: the norms of the raw gradients
+    ref = torch.stack([g.norm() for g in plan_grads])
+    recorded = torch.tensor(guard.flush().layer_norm[0], dtype=torch.float64)
+    torch.testing.assert_close(recorded, ref.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.global_norm, ref.norm(), rtol=1e-6, atol=0)
+    # the free function agrees too
+    mc = _Conv().to(dtype)
+    mc.load_state_dict(ma.state_dict())
+    for p, g in zip(mc.parameters(), plan_grads):
+        p.grad = g.clone()
+    gg.adaptive_clip_grad_(mc.parameters(), 0.02)
+    assert all(torch.equal(a.grad, c.grad) for a, c in zip(ma.parameters(), mc.parameters()))
+
+
+def test_agc_skip_and_nonfinite_leave_grads_and_flag_nonfinite():
+    m = _Conv()
+    guard = gg.Guard(m, clip=gg.AGC(exclude=()), measure_updates=0)
+    m(torch.randn(2, 3, 6, 6)).sum().backward()
+    m.conv.weight.grad[1, 0, 0, 0] = math.inf
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in m.parameters()]
+    out = guard.step(opt)
+    assert bool(out.skipped) and not math.isfinite(float(out.global_norm))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+class _TinyGPT(nn.Module):
+    """GPT-like: token + position embeddings, pre-norm blocks, ln_f, and a head tied to wte
+    written as a matrix product (no nn.Linear head); forward returns (logits, loss)."""
+
+    def __init__(self, vocab=20, d=8, n_layer=2, ctx=6, head="matmul"):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "ln_1": nn.LayerNorm(d), "c_attn": nn.Linear(d, 3 * d), "c_proj": nn.Linear(d, d),
+            "ln_2": nn.LayerNorm(d), "c_fc": nn.Linear(d, 4 * d), "mlp_proj": nn.Linear(4 * d, d),
+        }) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = head
+
+    def forward(self, idx, targets=None):
+        t = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(t))
+        for b in self.blocks:
+            q, k, v = b["c_attn"](b["ln_1"](x)).chunk(3, dim=-1)
+            att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            x = x + b["c_proj"](att @ v)
+            x = x + b["mlp_proj"](torch.relu(b["c_fc"](b["ln_2"](x))))
+        h = self.ln_f(x)
+        if self.head == "matmul":
+            logits = h @ self.wte.weight.t()
+        else:
+            logits = nn.functional.linear(h, self.wte.weight)
+        loss = None if targets is None else nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+@pytest.mark.parametrize("head", ["matmul", "F.linear"])
+def test_agc_auto_finds_tied_head_of_a_gpt(head):
+    torch.manual_seed(0)
+    model = _TinyGPT(head=head)
+    pol = gg.AGC(0.01)
+    guard = gg.Guard(model, clip=pol, measure_updates=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        idx = torch.randint(0, 20, (4, 6))
+        _, loss = model(idx, torch.randint(0, 20, (4, 6)))
+        loss.backward()
+        guard.step(opt, loss=loss)
+        opt.zero_grad()
+    # the head is the tied embedding matrix, not the last Linear called (the MLP projection)
+    assert pol.excluded == ["wte.weight"]
+
+
+def test_agc_head_found_when_forward_returns_only_the_loss():
+    class LossOnly(_TinyGPT):
+        def forward(self, idx, targets=None):  # type: ignore[override]
+            return super().forward(idx, targets)[1]
+
+    model = LossOnly()
+    pol = gg.AGC(0.01)
+    gg.Guard(model, clip=pol)
+    model(torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6))).backward()
+    assert pol.excluded == ["wte.weight"]

@@ -32,6 +32,7 @@ import math
 import types
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -283,21 +284,6 @@ def clip_grad_value_(
                 g.clamp_(-v, v)
 
 
-def _unit_norm(t: Tensor) -> Tensor:
-    """L2 norm per output unit in torch layout: over every dim but dim 0; whole tensor for <= 1-D.
-
-    In ``acc_dtype(t.dtype)``; the kernel's own dtype where that is exact and fast (see
-    ``stats._norm_out_dtype``).
-    """
-    out = _norm_out_dtype(t.device, t.dtype)
-    if t.ndim <= 1:
-        n = torch.linalg.vector_norm(t, 2, dtype=out)
-    else:
-        n = torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=out)
-    acc = acc_dtype(t.dtype)
-    return n if n.dtype == acc else n.to(acc)
-
-
 @torch.no_grad()
 def adaptive_clip_grad_(
     parameters: Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
@@ -368,30 +354,95 @@ def adaptive_clip_grad_(
             skip_ids.add(id(e))
         else:
             raise TypeError(f"`exclude` entries must be Tensors or names, got {type(e).__name__}.")
-    # Whole-tensor units (biases, norm gains, scalars) go through the foreach kernels in one
-    # batch per (device, dtypes); matrices and kernels are clipped one by one, unit-wise.
-    vectors: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
     for p in params:
         g = p.grad
         if g is None or id(p) in skip_ids:
             continue
-        w = p.detach()
-        if g.ndim <= 1:
-            ws, gs = vectors.setdefault((g.device, g.dtype, w.dtype), ([], []))
-            ws.append(w)
-            gs.append(g)
+        ws, gs = groups.setdefault((g.device, g.dtype, p.dtype), ([], []))
+        ws.append(p)  # read under no_grad
+        gs.append(g)
+    for (device, _, _), (ws, gs) in groups.items():
+        foreach = use_foreach(gs, device, None) and use_foreach(ws, device, None)
+        units = AGCUnits.split(gs, ws)
+        w_norm, g_norm = units.norms(foreach)
+        units.scale_(_agc_factor(w_norm, g_norm, clipping, eps), foreach)
+
+
+class AGCUnits(NamedTuple):
+    """The (gradient, weight) pairs of one (device, dtype) group, split by unit: matrices (every
+    tensor of >= 2 dims: a unit per row, in torch's (out, in, ...) layout) first, then the
+    tensors that are one unit (biases, gains, scalars, empty tensors).
+
+    Unit norms take one dim-reduction per matrix (torch has no per-row foreach norm) and one
+    ``_foreach_norm`` for all the one-unit tensors; the factors are computed for every unit at
+    once and applied with one ``_foreach_mul_`` per kind. Each reduction is the one timm's
+    ``unitwise_norm`` runs, so float32/float64 results are timm's bit for bit on the CPU.
+    """
+
+    mats: list[Tensor]  # gradients with one unit per row
+    w_mats: list[Tensor]
+    vecs: list[Tensor]  # gradients that are one unit
+    w_vecs: list[Tensor]
+    rows: list[int]  # units per matrix
+
+    @classmethod
+    def split(cls, gs: Sequence[Tensor], ws: Sequence[Tensor]) -> AGCUnits:
+        mats, w_mats, vecs, w_vecs = [], [], [], []
+        for g, w in zip(gs, ws):
+            if g.ndim >= 2 and g.numel() > 0:
+                mats.append(g)
+                w_mats.append(w)
+            else:
+                vecs.append(g)
+                w_vecs.append(w)
+        return cls(mats, w_mats, vecs, w_vecs, [g.shape[0] for g in mats])
+
+    @property
+    def n_units(self) -> int:
+        return sum(self.rows) + len(self.vecs)
+
+    def norms(self, foreach: bool) -> tuple[Tensor, Tensor]:
+        """(weight unit norms, gradient unit norms), 1-D, in ``acc_dtype``."""
+        return _unit_norms(self.w_mats, self.w_vecs, foreach), _unit_norms(self.mats, self.vecs, foreach)
+
+    def scale_(self, factor: Tensor, foreach: bool) -> None:
+        """Multiply every unit by its entry of ``factor`` (in the order of :meth:`norms`)."""
+        g0 = (self.mats or self.vecs)[0]
+        factor = factor.to(_multiplier_dtype(g0.device, g0.dtype, factor.dtype))
+        n_rows = sum(self.rows)
+        if self.mats:
+            per = factor[:n_rows].unsqueeze(1).split(self.rows)
+            # (rows, 1) broadcasts over a matrix; a conv kernel needs (rows, 1, 1, 1)
+            per = [f if g.ndim == 2 else f.view((-1,) + (1,) * (g.ndim - 1))
+                   for f, g in zip(per, self.mats)]
+            _mul_lists_(self.mats, per, foreach)
+        if self.vecs:
+            _mul_lists_(self.vecs, list((factor[n_rows:] if self.mats else factor).unbind(0)), foreach)
+
+
+def _mul_lists_(ts: list[Tensor], fs: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_mul_(ts, fs)
+    else:
+        for t, f in zip(ts, fs):
+            t.mul_(f)
+
+
+def _unit_norms(mats: list[Tensor], vecs: list[Tensor], foreach: bool) -> Tensor:
+    parts = []
+    if mats:
+        out = _norm_out_dtype(mats[0].device, mats[0].dtype)
+        parts.append(torch.cat([
+            torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), dtype=out) for t in mats]))
+    if vecs:
+        out = _norm_out_dtype(vecs[0].device, vecs[0].dtype)
+        if foreach:
+            norms = torch._foreach_norm(vecs, 2, dtype=out)
         else:
-            _agc_tensor_(w, g, clipping, eps)
-    for (device, g_dtype, w_dtype), (ws, gs) in vectors.items():
-        if use_foreach(gs, device, None) and use_foreach(ws, device, None):
-            w_norm = _widen(torch.stack(torch._foreach_norm(ws, 2, dtype=_norm_out_dtype(device, w_dtype))))
-            g_norm = _widen(torch.stack(torch._foreach_norm(gs, 2, dtype=_norm_out_dtype(device, g_dtype))))
-            factor = _agc_factor(w_norm, g_norm, clipping, eps)
-            factor = factor.to(_multiplier_dtype(device, g_dtype, factor.dtype))
-            torch._foreach_mul_(gs, list(factor.unbind(0)))
-        else:
-            for w, g in zip(ws, gs):
-                _agc_tensor_(w, g, clipping, eps)
+            norms = [torch.linalg.vector_norm(v, 2, dtype=out) for v in vecs]
+        parts.append(torch.stack(list(norms)))
+    return _widen(parts[0] if len(parts) == 1 else torch.cat(parts))
 
 
 def _agc_factor(w_norm: Tensor, g_norm: Tensor, clipping: float, eps: float) -> Tensor:
@@ -401,8 +452,3 @@ def _agc_factor(w_norm: Tensor, g_norm: Tensor, clipping: float, eps: float) -> 
     """
     max_norm = w_norm.clamp_min(eps).mul_(clipping)
     return torch.where(g_norm < max_norm, 1.0, max_norm / g_norm.clamp_min(1e-6))
-
-
-def _agc_tensor_(w: Tensor, g: Tensor, clipping: float, eps: float) -> None:
-    factor = _agc_factor(_unit_norm(w), _unit_norm(g), clipping, eps)
-    g.mul_(factor.to(_multiplier_dtype(g.device, g.dtype, factor.dtype)))

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_positive
 from gradguard._plan import ParamPlan
-from gradguard.distributed import has_dtensor, sharded_update_ratio, step_stats
+from gradguard.distributed import has_dtensor, is_distributed, sharded_update_ratio, step_stats
 from gradguard.history import History, HistoryBuffer
 from gradguard.policies import ClipPolicy, FixedClip
 from gradguard.sinks import call_sinks
@@ -270,7 +270,10 @@ class Guard:
             self.spike.bind(plan.device)
         self._norm_type = self.clip.norm_type if self.clip is not None else 2.0
         hist_dtype = torch.float64 if plan.norm_dtype == torch.float64 else torch.float32
-        self._buffer = HistoryBuffer(plan.names, self.flush_every, plan.device, hist_dtype)
+        # Update ratios are measured on every measure_updates-th step: at most this many a flush.
+        every = self.measure_updates
+        ratio_rows = 0 if every == 0 else min(self.flush_every, -(-self.flush_every // every) + 1)
+        self._buffer = HistoryBuffer(plan.names, self.flush_every, plan.device, hist_dtype, ratio_rows)
         self._observed: list[bool] = []  # per pending row: already fed to the host counters?
         self._history = History(list(plan.names))
         self._false = torch.zeros((), dtype=torch.bool, device=plan.device)
@@ -499,8 +502,15 @@ class Guard:
         plan = self._plan
         grads = plan.grads()
         # One pass; across ranks, one packed all-reduce (norms, flag, mean loss agree everywhere).
-        stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
-                                   self.process_group, self.foreach)
+        # In one process a policy may hand over the statistics of its own pass (AGC's unit norms).
+        stats = None
+        if self.clip is not None and not is_distributed(self.process_group):
+            stats = self.clip.measure(plan.params, grads, self.foreach)
+        if stats is None:
+            stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
+                                       self.process_group, self.foreach)
+        else:
+            loss_t = self._loss_tensor(loss)
         dev = stats.global_norm.device
         nonfinite = stats.nonfinite
         if found_inf is not None:

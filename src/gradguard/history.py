@@ -473,6 +473,8 @@ class HistoryBuffer:
         capacity: rows held before a flush is due (``record`` raises when full).
         device: where the buffers live (the gradients' device).
         dtype: the dtype of the scalar columns on the device.
+        ratio_capacity: rows with update ratios held before a flush is due (default:
+            ``capacity``; the Guard passes how many its ``measure_updates`` can produce).
     """
 
     def __init__(
@@ -481,13 +483,16 @@ class HistoryBuffer:
         capacity: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        ratio_capacity: int | None = None,
     ) -> None:
         self.names = list(names)
         self.capacity = check_int("capacity", capacity, minimum=1)
+        rcap = self.capacity if ratio_capacity is None else check_int(
+            "ratio_capacity", ratio_capacity, minimum=0)
         n, k, cap = len(self.names), len(SCALAR_FIELDS), self.capacity
         self._scal = torch.full((cap, k), math.nan, dtype=dtype, device=device)
         self._norms = torch.full((cap, n), math.nan, dtype=torch.float32, device=device)
-        self._ratio = torch.full((cap, n), math.nan, dtype=torch.float32, device=device)
+        self._ratio = torch.full((min(rcap, cap), n), math.nan, dtype=torch.float32, device=device)
         # Views written by record(): row i's scalars, its norms; ratio slot j.
         self._row_views = [list(self._scal[i].unbind(0)) + [self._norms[i]] for i in range(cap)]
         self._ratio_views = list(self._ratio.unbind(0))
@@ -501,6 +506,15 @@ class HistoryBuffer:
     @property
     def full(self) -> bool:
         return len(self._steps) >= self.capacity
+
+    def _grow_ratio(self, rows: int) -> None:
+        """Room for ``rows`` rows of update ratios (more than ``ratio_capacity`` arrive only
+        after a rollback rewinds the step counter within one flush interval)."""
+        rows = min(max(rows, 2 * len(self._ratio_views)), self.capacity)
+        old = self._ratio
+        self._ratio = torch.full((rows, old.shape[1]), math.nan, dtype=old.dtype, device=old.device)
+        self._ratio[: old.shape[0]].copy_(old)
+        self._ratio_views = list(self._ratio.unbind(0))
 
     def _src(self, field: str, v: Tensor | float | bool | None) -> Tensor:
         if v is None:
@@ -539,6 +553,8 @@ class HistoryBuffer:
         src = [self._src(f, scalars.get(f)) for f in SCALAR_FIELDS]
         src.append(_detached(per_tensor_norm))
         if update_ratio is not None:
+            if len(self._ratio_rows) >= len(self._ratio_views):
+                self._grow_ratio(len(self._ratio_rows) + 1)
             dst = [*dst, self._ratio_views[len(self._ratio_rows)]]
             src.append(_detached(update_ratio))
             self._ratio_rows.append(i)
@@ -609,6 +625,7 @@ class HistoryBuffer:
             self._scal[:n].copy_(scalars.to(self._scal.device, self._scal.dtype))
             self._norms[:n].copy_(norms.to(self._norms.device, torch.float32))
         if ratio_rows:
+            self._grow_ratio(len(ratio_rows))
             self._ratio[: len(ratio_rows)].copy_(ratios.to(self._ratio.device, torch.float32))
         self._steps = steps
         self._ratio_rows = ratio_rows

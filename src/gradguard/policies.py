@@ -27,8 +27,10 @@ reference implementations.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -38,8 +40,8 @@ from torch import Tensor, nn
 from gradguard._checks import check_choice, check_int, check_norm_type, check_positive, check_probability
 from gradguard._ema import running_update
 from gradguard._plan import ParamPlan
-from gradguard.clip import _check_eps, clip_coef, scale_
-from gradguard.stats import GradStats, acc_dtype
+from gradguard.clip import AGCUnits, _check_eps, clip_coef, scale_
+from gradguard.stats import GradStats, _norm_out_dtype, _widen, use_foreach
 
 __all__ = ["AGC", "AutoClip", "ClipPolicy", "FixedClip", "ValueClip", "ZClip"]
 
@@ -85,6 +87,13 @@ class ClipPolicy:
 
     def _init_state(self, device: torch.device) -> None:
         """Create ``self.state`` on ``device``; stateless policies keep None."""
+
+    def measure(self, params: Sequence[Tensor], grads: Sequence[Tensor | None],
+                foreach: bool | None = None) -> GradStats | None:
+        """Optionally compute this step's L2 :class:`GradStats` as a by-product of the policy's
+        own pass over the gradients (AGC's unit norms); None (the default) lets the Guard run
+        its own pass. Called before :meth:`clip_`, in one process only."""
+        return None
 
     def clip_(
         self,
@@ -255,12 +264,6 @@ class ValueClip(ClipPolicy):
 
 
 # ---------------------------------------------------------------------------------------------
-def _unit_norm(t: Tensor, acc: torch.dtype) -> Tensor:
-    if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, 2, dtype=acc)
-    return torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=acc)
-
-
 def _tensors_in(obj: Any, depth: int = 0) -> list[Tensor]:
     """Tensors inside a (nested) model output: a tensor, tuple, list or mapping."""
     if isinstance(obj, Tensor):
@@ -277,6 +280,106 @@ def _tensors_in(obj: Any, depth: int = 0) -> list[Tensor]:
     return []
 
 
+class _AGCLayout(NamedTuple):
+    """Which planned tensors are clipped as matrices and which as one unit, for one set of
+    present gradients, when they share one (device, dtype) and the foreach kernels."""
+
+    mats: list[int]  # plan indices, clipped per row
+    vecs: list[int]  # plan indices, clipped as one unit
+    rest: list[int]  # plan indices with a gradient, not clipped (the head)
+    rows: list[int]
+    n_rows: int
+    lengths: Tensor  # rows per matrix, on the device (segment sums)
+    order: Tensor | None  # plan position of each of mats + vecs + rest (None: the identity)
+
+    @classmethod
+    def build(cls, plan: ParamPlan, absent: tuple[bool, ...], excluded: set[int]) -> _AGCLayout | None:
+        params = plan.params
+        if len(plan.groups) != 1 or not use_foreach(list(params), plan.device, None):
+            return None
+        present = [i for i, a in enumerate(absent) if not a]
+        if not present:
+            return None
+        mats = [i for i in present if i not in excluded and params[i].ndim >= 2 and params[i].numel() > 0]
+        mat_set = set(mats)
+        vecs = [i for i in present if i not in excluded and i not in mat_set]
+        rest = [i for i in present if i in excluded]
+        rows = [params[i].shape[0] for i in mats]
+        order = mats + vecs + rest
+        dev = plan.device
+        return cls(mats, vecs, rest, rows, sum(rows), torch.tensor(rows, dtype=torch.long, device=dev),
+                   None if order == list(range(len(absent))) else torch.tensor(order, dtype=torch.long, device=dev))
+
+    def units(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> AGCUnits:
+        # The weights are read under no_grad (see AGC.measure/clip_), so no detach() per tensor.
+        return AGCUnits([grads[i] for i in self.mats], [params[i] for i in self.mats],  # type: ignore[misc]
+                        [grads[i] for i in self.vecs], [params[i] for i in self.vecs],  # type: ignore[misc]
+                        self.rows)
+
+
+# Autograd nodes between a head's matrix product and the model's output, and between the
+# product and the head's parameters (reshapes, casts, scaling, soft-capping, (log-)softmax).
+_PASS_THROUGH = frozenset({
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TBackward0",
+    "TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "ExpandBackward0",
+    "CloneBackward0", "ToCopyBackward0", "SqueezeBackward0", "SqueezeBackward1",
+    "SqueezeBackward4", "UnsqueezeBackward0", "SliceBackward0", "SelectBackward0",
+    "AliasBackward0", "LogSoftmaxBackward0", "SoftmaxBackward0", "DivBackward0",
+    "DivBackward1", "MulBackward0", "MulBackward1", "AddBackward0", "AddBackward1",
+    "SubBackward0", "TanhBackward0", "NegBackward0",
+})
+_PRODUCTS = frozenset({
+    "MmBackward0", "AddmmBackward0", "BmmBackward0", "MvBackward0", "LinearBackward0",
+    "BaddbmmBackward0", "AddmvBackward0", "MatmulBackward0",
+})
+_TO_PARAM = frozenset({"TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0",
+                       "ViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "ToCopyBackward0",
+                       "UnsafeViewBackward0", "AliasBackward0", "CloneBackward0"})
+
+
+def _leaf_params(node: Any, allowed: frozenset[str], depth: int = 0) -> list[Tensor]:
+    """The leaf tensors (parameters) ``node`` reads through ``allowed`` nodes only."""
+    if node is None or depth > 8:
+        return []
+    name = type(node).__name__
+    if name == "AccumulateGrad":
+        return [node.variable]
+    if name not in allowed:
+        return []
+    return [p for nxt, _ in node.next_functions for p in _leaf_params(nxt, allowed, depth + 1)]
+
+
+def _head_from_graph(outputs: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters read by the matrix product that produced the model's output (its head).
+
+    Logits first (outputs with dims), then scalars (a loss computed inside ``forward``).
+    Walks back through :data:`_PASS_THROUGH` nodes; at an add, a parameter on the other side
+    (a bias) belongs to the head. Empty when no graph leads to a product within a few nodes.
+    """
+    for t in sorted((t for t in outputs if t.grad_fn is not None), key=lambda t: t.ndim == 0):
+        extra: list[Tensor] = []
+        frontier, seen = [t.grad_fn], 0
+        while frontier and seen < 64:
+            node = frontier.pop(0)
+            seen += 1
+            name = type(node).__name__
+            if name in _PRODUCTS:
+                found = [p for nxt, _ in node.next_functions for p in _leaf_params(nxt, _TO_PARAM)]
+                if found:
+                    return found + extra
+                continue
+            if name not in _PASS_THROUGH and not name.startswith(("NllLoss", "CrossEntropy")):
+                continue
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    continue
+                if type(nxt).__name__ == "AccumulateGrad":
+                    extra.append(nxt.variable)  # a bias or a learned scale added to the logits
+                else:
+                    frontier.append(nxt)
+    return []
+
+
 class AGC(ClipPolicy):
     r"""Adaptive gradient clipping, unit-wise (Brock et al. 2021), with the output head excluded.
 
@@ -289,13 +392,22 @@ class AGC(ClipPolicy):
         \ \text{ if } \lVert G_u \rVert_2 \ge m_u
 
     It matches timm's ``adaptive_clip_grad`` (optax keeps at strict ``<``; they differ only at
-    equality). **The head is found from the module structure**, not, as in timm, by dropping
-    "the last two parameters": with ``exclude="auto"`` the policy traces the first forward pass
-    after it is bound and excludes the last ``nn.Linear`` whose output *is* the model's output
-    (same storage: ``logits.view(...)`` counts). If the model transforms the head's output
-    (``log_softmax``), the last Linear called in that forward is taken; if no forward pass was
-    seen before the first step, the last ``nn.Linear`` in module order (a documented fallback,
-    logged at INFO).
+    equality). **The head is found from the model's output**, not, as in timm, by dropping "the
+    last two parameters": with ``exclude="auto"`` the policy watches the first forward pass after
+    it is bound and follows the output's autograd graph back through reshapes, scaling, bias
+    additions and (log-)softmax to the matrix product that made it; the parameters that product
+    reads (through transposes and casts) are the head. So a tied head, ``x @ wte.weight.t()`` or
+    ``F.linear(x, wte.weight)``, excludes the embedding matrix it shares, and an ``nn.Linear``
+    head its weight and bias. Without a graph (a forward under ``no_grad``), the last
+    ``nn.Linear`` whose output *is* the model's output (same storage) is taken, else the last
+    Linear called; if no forward pass was seen before the first step, the last ``nn.Linear`` in
+    module order (a documented fallback, logged at INFO).
+
+    Per step it costs one dim-reduction per matrix for each of W and G (torch has no per-row
+    foreach norm), one ``_foreach_norm`` for all biases and gains, and a handful of ops for
+    every unit's factor at once, applied with ``_foreach_mul_``. In one process, with one
+    (device, dtype), the gradient unit norms also give the Guard its statistics, so the Guard
+    makes no separate pass over the gradients.
 
     When to use: normalizer-free ConvNets (NFNets) at large batch sizes, with SGD. Field reports
     show λ = 0.01 hurting Adam/Lion transformers (remedies.md section 1.4); tune λ there.
@@ -348,6 +460,9 @@ class AGC(ClipPolicy):
                 )
             self._exclude_spec = names
         self._excluded: set[int] | None = None  # indices into the plan
+        self._layouts: dict[tuple[bool, ...], _AGCLayout | None] = {}
+        self._pending: tuple[GradStats, AGCUnits, Tensor, Tensor] | None = None
+        self._inf: Tensor | None = None
         self._hooks: list[Any] = []
         self._trace: list[tuple[str, int, int]] = []
         self._model: nn.Module | None = None
@@ -368,7 +483,7 @@ class AGC(ClipPolicy):
         if self._exclude_spec == "auto":
             self._install_trace(model)
         else:
-            self._excluded = self._resolve_names(model, plan, self._exclude_spec)
+            self._set_excluded(self._resolve_names(model, plan, self._exclude_spec), "as named")
 
     # -- head discovery -----------------------------------------------------------------------
     def _install_trace(self, model: nn.Module) -> None:
@@ -386,6 +501,14 @@ class AGC(ClipPolicy):
         return hook
 
     def _root_hook(self, mod: nn.Module, inp: Any, out: Any) -> None:
+        found = _head_from_graph(_tensors_in(out))
+        if found:
+            _, plan = self._bound()
+            ids = {id(p) for p in found}
+            self._remove_hooks()
+            self._set_excluded({i for i, p in enumerate(plan.params) if id(p) in ids},
+                               "the matrix product that makes the model's output")
+            return
         outs = {(t.untyped_storage().data_ptr(), t.numel()) for t in _tensors_in(out)}
         head = None
         for name, ptr, numel in reversed(self._trace):
@@ -417,8 +540,13 @@ class AGC(ClipPolicy):
         model, plan = self._bound()
         head = model.get_submodule(module_name)
         ids = {id(p) for p in head.parameters()}
-        self._excluded = {i for i, p in enumerate(plan.params) if id(p) in ids}
-        log.info("AGC: excluding head %r (%s): %s", module_name, how, self.excluded)
+        self._set_excluded({i for i, p in enumerate(plan.params) if id(p) in ids},
+                           f"module {module_name!r}: {how}")
+
+    def _set_excluded(self, excluded: set[int], how: str) -> None:
+        self._excluded = excluded
+        self._layouts = {}
+        log.info("AGC: excluding the head (%s): %s", how, self.excluded)
 
     def _fallback_head(self) -> None:
         model, _ = self._bound()
@@ -428,8 +556,7 @@ class AGC(ClipPolicy):
             if isinstance(mod, nn.Linear):
                 last = name
         if last is None:
-            self._excluded = set()
-            log.info("AGC: no nn.Linear in the model, so no head is excluded")
+            self._set_excluded(set(), "none: the model has no nn.Linear")
         else:
             self._set_head(last, "no forward pass was traced; the last nn.Linear in module order")
 
@@ -450,27 +577,87 @@ class AGC(ClipPolicy):
                 )
         return out
 
+    # -- the per-step path ----------------------------------------------------------------------
+    def _layout(self, grads: Sequence[Tensor | None]) -> _AGCLayout | None:
+        """The split of this step's gradients into units (cached per set of present gradients),
+        or None where the batched single-group path does not apply."""
+        key = tuple(map(operator.is_, grads, itertools.repeat(None)))
+        if key not in self._layouts:
+            _, plan = self._bound()
+            self._layouts[key] = _AGCLayout.build(plan, key, self._excluded or set())
+        return self._layouts[key]
+
+    @torch.no_grad()
+    def measure(self, params: Sequence[Tensor], grads: Sequence[Tensor | None],
+                foreach: bool | None = None) -> GradStats | None:
+        if self._excluded is None:
+            self._fallback_head()
+        lay = self._layout(grads)
+        if lay is None or foreach is False:
+            return None
+        units = lay.units(params, grads)
+        w_u, g_u = units.norms(True)
+        # The per-tensor norms come from the unit norms: one pass over the gradients serves both.
+        parts = []
+        if lay.rows:
+            parts.append(torch.segment_reduce(g_u[:lay.n_rows].square(), "sum", lengths=lay.lengths).sqrt())
+        if units.vecs:
+            parts.append(g_u[lay.n_rows:])
+        if lay.rest:
+            rest = [grads[i] for i in lay.rest]
+            parts.append(_widen(torch.stack(torch._foreach_norm(rest, 2, dtype=_norm_out_dtype(
+                rest[0].device, rest[0].dtype)))))
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if lay.order is None:
+            per = flat
+        else:
+            per = torch.zeros(len(grads), dtype=flat.dtype, device=flat.device).index_copy_(0, lay.order, flat)
+        total = torch.linalg.vector_norm(per, 2)
+        stats = GradStats(total, per, total.sub(total).ne(0), 2.0)
+        self._pending = (stats, units, w_u, g_u)
+        return stats
+
+    @torch.no_grad()
     def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
               skip: Tensor) -> tuple[Tensor, Tensor]:
         if self._excluded is None:
             self._fallback_head()
-        excluded = self._excluded or set()
         total = stats.global_norm
-        keep = ~skip
-        hits: list[Tensor] = []
-        with torch.no_grad():
-            for i, (p, g) in enumerate(zip(params, grads)):
-                if g is None or i in excluded:
-                    continue
-                acc = acc_dtype(g.dtype)
-                max_norm = _unit_norm(p.detach(), acc).clamp_min(self.eps).mul_(self.clipping)
-                g_norm = _unit_norm(g, acc)
-                trig = (g_norm >= max_norm) & keep.to(g.device)
-                factor = torch.where(trig, max_norm / g_norm.clamp_min(1e-6), 1.0)
-                g.mul_(factor.to(g.dtype))
-                hits.append(trig.any().to(total.device))
-        clipped = torch.stack(hits).any() if hits else torch.zeros((), dtype=torch.bool, device=total.device)
-        return torch.full((), math.inf, dtype=total.dtype, device=total.device), clipped
+        if self._inf is None or self._inf.device != total.device or self._inf.dtype != total.dtype:
+            self._inf = torch.full((), math.inf, dtype=total.dtype, device=total.device)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is stats:
+            batches = [(pending[1], pending[2], pending[3], True)]
+        else:
+            batches = []
+            for units, foreach in self._groups(params, grads):
+                batches.append((units, *units.norms(foreach), foreach))
+        hits = []
+        for units, w_u, g_u, foreach in batches:
+            mn = w_u.clamp_min(self.eps).mul_(self.clipping)
+            s = skip.to(g_u.device)
+            # timm's factor where the unit is clipped; 1 where it is kept or the step is skipped
+            factor = torch.where((g_u < mn) | s, 1.0, mn / g_u.clamp_min(1e-6))
+            units.scale_(factor, foreach)
+            hits.append(((g_u >= mn).any() & ~s).to(total.device))
+        if not hits:
+            return self._inf, torch.zeros((), dtype=torch.bool, device=total.device)
+        return self._inf, hits[0] if len(hits) == 1 else torch.stack(hits).any()
+
+    def _groups(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[tuple[AGCUnits, bool]]:
+        """The clipped (gradient, weight) pairs as units, per (device, dtype)."""
+        lay = self._layout(grads)
+        if lay is not None:
+            return [(lay.units(params, grads), True)]
+        excluded = self._excluded or set()
+        by: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None and i not in excluded:
+                gs, ws = by.setdefault((g.device, g.dtype, p.dtype), ([], []))
+                gs.append(g)
+                ws.append(p.detach())
+        return [(AGCUnits.split(gs, ws), use_foreach(gs, dev, None) and use_foreach(ws, dev, None))
+                for (dev, _, _), (gs, ws) in by.items()]
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -482,7 +669,7 @@ class AGC(ClipPolicy):
         names = state_dict.get("excluded")
         if names is not None and self._plan is not None:
             self._remove_hooks()
-            self._excluded = {self._plan.index(n) for n in names}
+            self._set_excluded({self._plan.index(n) for n in names}, "from the checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
