@@ -115,3 +115,73 @@ def test_state_dict_round_trip_keeps_pending_rows() -> None:
 
 def test_scalar_fields_are_the_documented_columns() -> None:
     assert SCALAR_FIELDS == ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale")
+
+
+def test_history_memory_at_5000_tensors_and_2000_rows() -> None:
+    """float32 per-tensor columns and update ratios only where measured: 4 bytes per
+    (row, tensor) plus 4 per (measured row, tensor), measured with tracemalloc (Python floats
+    in lists took 64 bytes)."""
+    import tracemalloc
+
+    n, rows, every = 5000, 2000, 50
+    names = [f"layer{i}.weight" for i in range(n)]
+    buf = HistoryBuffer(names, capacity=every, ratio_capacity=1)
+    norms, ratio = torch.rand(n), torch.rand(n)
+    tracemalloc.start()
+    hist = History(names)
+    for chunk in range(rows // every + 4):  # 200 rows more than kept: the oldest are dropped
+        for r in range(every):
+            step = chunk * every + r
+            buf.record(step, global_norm=norms[0], per_tensor_norm=norms,
+                       update_ratio=ratio if r == 0 else None)
+        hist.extend(buf.flush(), max_rows=rows)
+    used, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(hist) == rows and hist.step[0] == 200 and hist.step[-1] == rows + 199
+    measured = rows // every
+    data = 4 * n * rows + 4 * n * measured + 64 * rows  # norms, ratios, step + 6 scalars per row
+    assert hist.nbytes <= data
+    # array.array over-allocates by up to 1/8 when it grows; 1 MB for the rest
+    assert used <= data * 9 // 8 + 1_000_000, (used, data)
+    assert used / (n * rows) < 4.8  # bytes per (row, tensor), against the 8-byte target
+    assert hist.update_ratio[0] == pytest.approx(ratio.tolist()) and math.isnan(hist.update_ratio[1][0])
+    assert hist.layer_norm[-1] == pytest.approx(norms.tolist())
+
+
+def test_columns_read_like_lists_and_scalar_fields_are_generic() -> None:
+    hist = History(["a", "b"])
+    for s in range(3):
+        hist.step.append(s)
+        hist.loss.append(1.0 / (s + 1))
+        hist.skipped.append(s == 1)
+        hist.layer_norm.append([s, 2 * s])
+        hist.update_ratio.append([math.nan, math.nan] if s else [0.5, 0.25])
+    assert hist.skipped == [False, True, False] and hist.skipped[1] is True
+    assert isinstance(hist.step[0], int) and list(hist.loss)[2] == pytest.approx(1 / 3)
+    assert hist.layer_norm[2] == [2.0, 4.0] and hist.update_ratio[0] == [0.5, 0.25]
+    assert all(math.isnan(v) for v in hist.update_ratio[2])
+    assert hist.update_ratio.nbytes < hist.layer_norm.nbytes  # unmeasured rows cost nothing
+    assert math.isnan(hist.threshold[0]) if len(hist.threshold) else True
+    with pytest.raises(AttributeError, match="no column 'nope'"):
+        _ = hist.nope
+    with pytest.raises(ValueError, match="2 values"):
+        hist.layer_norm.append([1.0])
+    # every name in SCALAR_FIELDS is a column, a record() keyword and a JSONL field
+    assert all(hasattr(hist, f) for f in SCALAR_FIELDS)
+    buf = HistoryBuffer(["a"], capacity=2)
+    with pytest.raises(TypeError, match="unknown history column"):
+        buf.record(0, global_norm=torch.tensor(1.0), per_tensor_norm=torch.ones(1), lr=0.1)
+
+
+def test_pending_rows_of_a_v0_1_checkpoint_load() -> None:
+    """gradguard 0.1 kept one (scalars | norms | ratios) row per step; its checkpoints load."""
+    k, n = len(SCALAR_FIELDS), len(NAMES)
+    rows = torch.full((2, k + 2 * n), math.nan)
+    rows[:, :k] = torch.tensor([[1.0, 2.0, math.inf, 0.0, 0.0, 1.0], [0.5, 3.0, math.inf, 1.0, 0.0, 1.0]])
+    rows[:, k:k + n] = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    rows[1, k + n:] = torch.tensor([0.1, 0.2, 0.3])
+    buf = HistoryBuffer(NAMES, capacity=4)
+    buf.load_state_dict({"names": NAMES, "steps": [7, 8], "rows": rows})
+    h = buf.flush()
+    assert h.step == [7, 8] and h.clipped == [False, True] and h.layer_norm[1] == [4.0, 5.0, 6.0]
+    assert all(math.isnan(v) for v in h.update_ratio[0]) and h.update_ratio[1] == pytest.approx([0.1, 0.2, 0.3])
