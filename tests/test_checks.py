@@ -374,3 +374,30 @@ def test_count_host_syncs_counts_device_to_cpu_copies():
         with pytest.raises((NotImplementedError, RuntimeError)):
             t.cpu()
     assert c.count == 1 and "to cpu" in c.ops[0]
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct")
+@pytest.mark.parametrize(
+    ("name", "read", "expected"),
+    [
+        ("torch.tensor(list of tensors)", lambda t: torch.tensor([t, t * 2, t * 3]), 3),
+        ("torch.tensor(nested)", lambda t: torch.tensor([[t, t], [t, t]]), 4),
+        ("torch.as_tensor(list of tensors)", lambda t: torch.as_tensor([t, t]), 2),
+        ("torch.asarray(tuple of tensors)", lambda t: torch.asarray((t,)), 1),
+        ("torch.tensor(floats)", lambda t: torch.tensor([1.0, 2.0]), 0),
+        ("torch.tensor(tensor): a copy, not a read", lambda t: torch.tensor(t), 0),
+        ("float", lambda t: float(t), 1),
+        ("item", lambda t: t.item(), 1),
+        ("bool", lambda t: bool(t > 0), 1),
+        ("tolist", lambda t: torch.stack([t, t]).tolist(), 1),
+        ("np.asarray", lambda t: __import__("numpy").asarray(torch.stack([t, t])), 1),
+        ("0-dim index", lambda t: [1, 2, 3][t.long()], 1),
+    ],
+)
+def test_count_host_syncs_sees_factories_and_every_kind_of_read(name, read, expected):
+    t = torch.tensor(1.0)
+    orig = torch.tensor, torch.as_tensor, torch.asarray
+    with count_host_syncs() as c:
+        read(t)
+    assert c.count == expected, (name, c.ops)
+    assert (torch.tensor, torch.as_tensor, torch.asarray) == orig

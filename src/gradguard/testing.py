@@ -1,15 +1,23 @@
 """Test helpers for users and for gradguard's own suite: count host syncs on any device.
 
 ``count_host_syncs()`` counts every read of a device value by the host: ``aten::_local_scalar_dense``
-(``.item()``, ``float(t)``, ``bool(t)``, ``if t:``), ``aten::equal``, copies from a non-CPU device
-to the CPU, and ``Tensor.tolist()``/``Tensor.numpy()``. On CPU these cost nothing, but each is a
-stall on a GPU; counting them on CPU catches the code paths that would stall.
+(``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``, ``if t:``, a 0-dim tensor used as an index),
+``aten::equal``, copies from a non-CPU device to the CPU, ``Tensor.tolist()``/``Tensor.numpy()``
+(so ``repr(t)`` and numpy conversion, ``np.asarray(t)``), and ``torch.tensor``/``torch.as_tensor``/
+``torch.asarray`` given a (nested) list or tuple that holds tensors, which reads every such tensor
+(``torch.tensor([t0, t1])`` counts 2; torch reads them below the dispatcher, where a dispatch mode
+cannot see it). On CPU these cost nothing, but each is a stall on a GPU; counting them on CPU
+catches the code paths that would stall.
+
+Not seen: the legacy constructors (``torch.Tensor([t0])``, ``torch.FloatTensor([t0])``) and code
+that bound ``torch.tensor`` to another name before the counter started.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,6 +29,16 @@ _SYNC_OPS = {
     torch.ops.aten.equal.default,
     torch.ops.aten.is_nonzero.default,
 }
+
+
+_FACTORIES = ("tensor", "as_tensor", "asarray")
+
+
+def _tensors_inside(data: Any, depth: int = 0) -> int:
+    """How many tensors a (nested) list/tuple passed to a tensor factory holds."""
+    if isinstance(data, (list, tuple)) and depth < 32:
+        return sum(1 if isinstance(x, torch.Tensor) else _tensors_inside(x, depth + 1) for x in data)
+    return 0
 
 
 class SyncCounter(TorchDispatchMode):
@@ -66,6 +84,16 @@ def count_host_syncs() -> Iterator[SyncCounter]:
     """
     counter = SyncCounter()
     orig_tolist, orig_numpy = torch.Tensor.tolist, torch.Tensor.numpy
+    orig_factories = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def factory(name: str, fn: Any) -> Any:
+        def wrapped(data: Any, *a: Any, **k: Any) -> Any:
+            n = _tensors_inside(data)
+            for _ in range(n):
+                counter._hit(f"torch.{name}(a list holding tensors)")
+            return fn(data, *a, **k)
+
+        return wrapped
 
     def tolist(self, *a, **k):  # type: ignore[no-untyped-def]
         counter._hit("Tensor.tolist")
@@ -76,8 +104,12 @@ def count_host_syncs() -> Iterator[SyncCounter]:
         return orig_numpy(self, *a, **k)
 
     torch.Tensor.tolist, torch.Tensor.numpy = tolist, numpy  # type: ignore[method-assign]
+    for name, fn in orig_factories.items():
+        setattr(torch, name, factory(name, fn))
     try:
         with counter:
             yield counter
     finally:
         torch.Tensor.tolist, torch.Tensor.numpy = orig_tolist, orig_numpy  # type: ignore[method-assign]
+        for name, fn in orig_factories.items():
+            setattr(torch, name, fn)
