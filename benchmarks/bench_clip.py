@@ -32,6 +32,10 @@ gradients together (so the floor carries no per-tensor cost):
 * read-write (``clip_grad_value_``): an in-place ``flat.clamp_(-v, v)``;
 * AGC reads the weights and the gradients and rewrites the gradients: two reads + ``mul_``.
 
+The flat buffer is float32 and holds the gradients' number of bytes (half as many elements for
+bf16): the floor is a memory-traffic bound, and on a CPU the bf16 reduction and multiply kernels
+are slower than the gradguard functions they would bound, which made a bf16 "x floor" below 1.
+
 Every result is checked against torch on fresh copies of the same gradients: float32 totals and
 gradients bit for bit; bfloat16 to bf16 precision (gradguard returns its total in float32, torch
 in bfloat16); AGC against the bound |G_u| <= lambda * max(|W_u|, 1e-3). A mismatch raises.
@@ -202,7 +206,9 @@ def run_case(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, repea
     check_against_torch(params, dtype)
 
     grads = [p.grad for p in params]
-    flat = torch.randn(numel).to(dtype)
+    # The floors read and write as many BYTES as the gradients, in float32 whatever their dtype:
+    # on a CPU bf16 sum/mul kernels are slower than the functions they are meant to bound.
+    flat = torch.randn(numel * torch.finfo(dtype).bits // 32)
     coef = torch.tensor(0.999, dtype=torch.float32)
     v = CLIP_VALUE
 

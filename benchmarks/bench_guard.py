@@ -1,34 +1,32 @@
-"""Benchmark a full training step with and without the Guard, from one run.
+"""Benchmark the Guard from one run: its per-step fixed cost, its own work against torch's clip,
+AGC against FixedClip at 1,000 tensors, a full training step, and the History's memory. Every
+target is printed at the end as a ratio (or a count) measured in this run, with pass/miss.
 
-Models (CPU, float32, ``torch.set_num_threads(1)``):
+CPU, ``torch.set_num_threads(1)``. Sections:
 
-* ``mlp12``: 12 Linear(512, 512) + Tanh layers and a head, batch 128 (3.2M parameters, 26 tensors);
-* ``transformer``: 4 pre-norm ``nn.TransformerEncoderLayer`` blocks (d=128, 4 heads, FF 512) with
-  an embedding and an LM head, batch 8 x 64 tokens (0.9M parameters, 54 tensors).
+1. **aten ops per step** on a 2-tensor model (``nn.Linear(4, 1)``, SGD): every op dispatched by
+   ``guard.step`` (``gradguard.testing.SyncCounter.dispatched``) minus those of the optimizer's
+   own ``step()``, for torch's ``clip_grad_norm_`` and for a Guard with no clip, FixedClip,
+   AutoClip, ZClip, AGC and the spike ladder (``SpikePolicy()``), plus host syncs per step. On a
+   model with millisecond steps this fixed cost is what the Guard adds. Target: ZClip <= 60.
+2. **the Guard's own work** on real gradients (``mlp12``: 12 Linear(512, 512) + Tanh and a head,
+   batch 128, 26 tensors; ``transformer``: 4 pre-norm encoder blocks, d=128, 54 tensors):
+   ``guard.step`` with an optimizer whose step is a no-op, against ``clip_grad_norm_`` on the
+   same gradients, round-robin, median of the paired ratios.
+3. **AGC at 1,000 tensors**: ``Guard(clip=AGC(exclude=()))`` against ``Guard(clip=FixedClip)``
+   on 500 ``Linear(128, 128)`` (1,000 tensors, 8.3M parameters), no-op optimizer, paired.
+   Target: <= 1.5. (AGC reads the weights too: in memory traffic it is 4/3 of a clip at best.)
+4. **a full training step** (zero_grad, forward, backward, step; AdamW): ``plain + torch clip``
+   against ``Guard(model)`` (monitor), ``Guard(clip=ZClip())`` and the same with
+   ``AdamW(fused=True)`` (the zero-sync path), round-robin. Target: guard full <= 1.05.
+5. **History memory**: 5,000 tensors x 2,000 rows (the default ``history_rows``), update ratios
+   on one row in 50 (the default), measured with ``tracemalloc``. Target: <= 8 bytes per
+   (row, tensor).
 
-Variants, each a complete step (zero_grad, forward, backward, step) with ``AdamW`` (foreach):
+Before timing, one step of ``Guard(clip=FixedClip(1.0))`` is checked to give bit-identical
+parameters to torch's clip + step.
 
-* ``plain``: ``optimizer.step()``;
-* ``plain + torch clip``: ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` then ``step()``;
-* ``guard monitor``: ``Guard(model)``: statistics, non-finite skipping and a per-layer history
-  row every step, no clipping;
-* ``guard full``: ``Guard(model, clip=ZClip())``: the same plus ZClip (and the per-layer
-  update/weight ratio once per flush, the default);
-* ``guard full fused``: the same with ``AdamW(fused=True)`` (the zero-sync path), against a plain
-  fused step plus torch clipping.
-
-Besides the whole-step ratio, the table shows the Guard's own work against torch's clip measured
-in isolation (``guard.step`` with a no-op optimizer minus ``clip_grad_norm_`` on the same
-gradients), which stays readable when a shared machine makes whole-step times noisy.
-
-The variants run round-robin, one step each, so a neighbour's load on a shared machine slows all
-of them alike; the table shows the median step time, the ratio to ``plain + torch clip`` (the
-target is <= 1.05 for ``guard full``) and host syncs per step counted with
-``gradguard.testing.count_host_syncs`` (the non-fused AdamW itself reads its CPU step counter
-once per parameter group: that count is shown in the plain rows). Before timing, one step of
-``Guard(clip=FixedClip(1.0))`` is checked to give bit-identical parameters to torch's clip + step.
-
-    python benchmarks/bench_guard.py            # full run (~1 minute on a 2-core CPU)
+    python benchmarks/bench_guard.py            # full run (~1 to 2 minutes on a 2-core CPU)
     python benchmarks/bench_guard.py --quick    # tiny sizes, a crash check for CI (seconds)
 """
 
@@ -38,6 +36,7 @@ import argparse
 import copy
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ from rich.table import Table
 from torch import nn
 
 import gradguard as gg
+from gradguard.history import History, HistoryBuffer
 from gradguard.testing import count_host_syncs
 
 
@@ -99,30 +99,113 @@ class _NoStep(torch.optim.SGD):
         return None
 
 
-def own_work_ms(case: Case, base: nn.Module, reps: int) -> dict[str, float]:
-    """Median time of the clipping work alone, on the model's real gradients.
+def paired(fns: dict[str, Callable[[], object]], reps: int, warm: int = 3) -> dict[str, list[float]]:
+    """Round-robin timing: one call of each per round, so a neighbour's load hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(reps + warm):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warm:
+                times[k].append(time.perf_counter() - t0)
+    return times
 
-    ``torch clip`` is ``clip_grad_norm_``; the Guard rows are ``guard.step`` with an optimizer
-    whose step is a no-op, so the difference is exactly what the Guard adds to a clipped step.
-    """
+
+def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of the paired ratio a/b (drift in load cancels)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+# -- 1. ops per step ------------------------------------------------------------------------------
+OP_VARIANTS: dict[str, Callable[[], dict]] = {
+    "Guard, no clip": lambda: {},
+    "Guard + FixedClip": lambda: {"clip": gg.FixedClip(1.0)},
+    "Guard + AutoClip": lambda: {"clip": gg.AutoClip()},
+    "Guard + ZClip": lambda: {"clip": gg.ZClip()},
+    "Guard + AGC": lambda: {"clip": gg.AGC(exclude=())},
+    "Guard + spike ladder": lambda: {"spike": gg.SpikePolicy()},
+}
+
+
+def ops_per_step() -> list[tuple[str, int, int]]:
+    """(variant, aten ops per step beyond the optimizer's own, host syncs per step)."""
+
+    def setup() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Linear(4, 1)
+        return m, torch.optim.SGD(m.parameters(), lr=0.01)
+
+    def backward(m: nn.Module) -> torch.Tensor:
+        loss = m(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    m, opt = setup()
+    backward(m)
+    with count_host_syncs() as c:
+        opt.step()
+    opt_ops = c.dispatched
+    rows = []
+    with count_host_syncs() as c:
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    rows.append(("torch clip_grad_norm_", c.dispatched, c.count))
+    for name, kw in OP_VARIANTS.items():
+        m, opt = setup()
+        guard = gg.Guard(m, measure_updates=0, flush_every=1000, **kw())
+        for _ in range(30):  # past ZClip's and the detector's warm-up
+            opt.zero_grad()
+            guard.step(opt, loss=backward(m))
+        opt.zero_grad()
+        loss = backward(m)
+        with count_host_syncs() as c:
+            guard.step(opt, loss=loss)
+        rows.append((name, c.dispatched - opt_ops, c.count))
+    return rows
+
+
+# -- 2. the Guard's own work ----------------------------------------------------------------------
+def own_work(case: Case, base: nn.Module, reps: int) -> dict[str, float]:
     model = copy.deepcopy(base)
     x, y = case.data()
     case.loss(model(x), y).backward()
     params = list(model.parameters())
     noop = _NoStep(params, lr=0.0)
     g_mon = gg.Guard(model, measure_updates=0)
-    g_full = gg.Guard(model, clip=gg.ZClip(z_thresh=1e9))  # never clips: grads stay the same
-    fns = {"plain + torch clip": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9),
-           "guard monitor": lambda: g_mon.step(noop),
-           "guard full": lambda: g_full.step(noop)}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(reps + 3):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if i >= 3:
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    g_full = gg.Guard(model, clip=gg.ZClip(z_thresh=1e9), measure_updates=0)  # never clips
+    times = paired({"torch clip": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9),
+                    "guard monitor": lambda: g_mon.step(noop),
+                    "guard full": lambda: g_full.step(noop)}, reps)
+    return {"torch clip ms": statistics.median(times["torch clip"]) * 1e3,
+            "guard monitor": ratio(times, "guard monitor", "torch clip"),
+            "guard full": ratio(times, "guard full", "torch clip")}
+
+
+# -- 3. AGC at 1,000 tensors ----------------------------------------------------------------------
+def agc_vs_fixed(quick: bool, reps: int) -> dict[str, float]:
+    width = 16 if quick else 128
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(500)])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    params = list(model.parameters())
+    noop = _NoStep(params, lr=0.0)
+    g_fixed = gg.Guard(model, clip=gg.FixedClip(1e9), measure_updates=0)
+    g_agc = gg.Guard(model, clip=gg.AGC(0.01, exclude=()), measure_updates=0)
+    times = paired({"torch clip": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9),
+                    "fixed": lambda: g_fixed.step(noop),
+                    "agc": lambda: g_agc.step(noop),
+                    "agc free function": lambda: gg.adaptive_clip_grad_(params, 0.01)}, reps)
+    return {"tensors": len(params), "params": sum(p.numel() for p in params),
+            "fixed ms": statistics.median(times["fixed"]) * 1e3,
+            "agc ms": statistics.median(times["agc"]) * 1e3,
+            "agc / fixed": ratio(times, "agc", "fixed"),
+            "agc / torch clip": ratio(times, "agc", "torch clip"),
+            "free / torch clip": ratio(times, "agc free function", "torch clip")}
+
+
+# -- 4. a full training step ----------------------------------------------------------------------
+VARIANTS = ["plain", "plain + torch clip", "guard monitor", "guard full",
+            "plain + torch clip fused", "guard full fused"]
 
 
 def make_variant(kind: str, base: nn.Module, case: Case) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
@@ -169,67 +252,123 @@ def check_parity(case: Case) -> None:
             raise AssertionError(f"{case.name}: Guard(FixedClip) differs from torch at {n}")
 
 
-VARIANTS = ["plain", "plain + torch clip", "guard monitor", "guard full",
-            "plain + torch clip fused", "guard full fused"]
-
-
-def run(quick: bool) -> list[tuple[str, str, float, float, float, float, float | None]]:
-    torch.set_num_threads(1)
-    warm, steps = (2, 4) if quick else (5, 80)
+def full_step(case: Case, steps: int) -> list[tuple[str, float, float, float]]:
+    """(variant, median ms, ratio to plain + torch clip of the same optimizer, syncs/step)."""
+    torch.manual_seed(0)
+    base = case.model()
+    fns = {k: make_variant(k, base, case) for k in VARIANTS}
+    batches = [case.data() for _ in range(8)]
+    it = iter(range(10**9))
+    times = paired({k: (lambda f=f: f(batches[next(it) % len(batches)])) for k, f in fns.items()}, steps)
     rows = []
-    for case in cases(quick):
-        check_parity(case)
-        torch.manual_seed(0)
-        base = case.model()
-        fns = {k: make_variant(k, base, case) for k in VARIANTS}
-        batches = [case.data() for _ in range(8)]
-        times: dict[str, list[float]] = {k: [] for k in VARIANTS}
-        syncs: dict[str, float] = {}
-        for i in range(warm + steps):
-            for k in VARIANTS:
-                t0 = time.perf_counter()
-                fns[k](batches[i % len(batches)])
-                dt = time.perf_counter() - t0
-                if i >= warm:
-                    times[k].append(dt)
-        for k in VARIANTS:
-            n = 3
-            with count_host_syncs() as c:
-                for i in range(n):
-                    fns[k](batches[i])
-            syncs[k] = c.count / n
-        own = own_work_ms(case, base, 20 if quick else 200)
-        for k in VARIANTS:
-            ref = "plain + torch clip fused" if k.endswith("fused") else "plain + torch clip"
-            # paired: the ratio within each round (all variants ran back to back), then the
-            # median, so that a neighbour's load drifting over the run cancels out
-            ratio = statistics.median(a / b for a, b in zip(times[k], times[ref]))
-            extra = own[k.removesuffix(" fused")] - own["plain + torch clip"] if k.startswith("guard") else None
-            rows.append((case.name, k, statistics.median(times[k]) * 1e3, ratio, syncs[k],
-                         syncs[k] - syncs[ref], extra))
+    for k in VARIANTS:
+        with count_host_syncs() as c:
+            for i in range(3):
+                fns[k](batches[i])
+        ref = "plain + torch clip fused" if k.endswith("fused") else "plain + torch clip"
+        rows.append((k, statistics.median(times[k]) * 1e3, ratio(times, k, ref), c.count / 3))
     return rows
+
+
+# -- 5. History memory ----------------------------------------------------------------------------
+def history_bytes(n: int, rows: int, every: int = 50) -> float:
+    """Bytes per (row, tensor) that a Guard's History holds after ``rows`` rows of ``n`` tensors."""
+    names = [f"t{i}" for i in range(n)]
+    buf = HistoryBuffer(names, capacity=every, ratio_capacity=2)
+    norms = torch.rand(n)
+    tracemalloc.start()
+    hist = History(names)
+    for chunk in range(rows // every):
+        for r in range(every):
+            buf.record(chunk * every + r, global_norm=norms[0], per_tensor_norm=norms,
+                       update_ratio=norms if r == 0 else None)
+        hist.extend(buf.flush(), max_rows=rows)
+    used, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return used / (n * rows)
+
+
+# -- report ---------------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "[green]pass[/green]" if ok else "[red]miss[/red]"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (CI)")
     args = ap.parse_args()
-    rows = run(args.quick)
-    table = Table(title="gradguard Guard: full training step, CPU, 1 thread (median)")
-    for col in ("model", "variant", "step ms", "x plain+torch clip", "Guard work - torch clip",
-                "syncs/step", "added by Guard"):
+    quick = args.quick
+    torch.set_num_threads(1)
+    console = Console(width=130)
+    t_start = time.perf_counter()
+    targets: list[tuple[str, str, str, bool]] = []
+
+    ops = ops_per_step()
+    table = Table(title="1. aten ops per step, 2-tensor model (beyond the optimizer's own)", title_justify="left")
+    for col in ("variant", "aten ops/step", "host syncs/step"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, n, s in ops:
+        table.add_row(name, str(n), str(s))
+    console.print(table)
+    by_ops = {name: n for name, n, _ in ops}
+    targets.append(("aten ops/step, Guard + ZClip", f"{by_ops['Guard + ZClip']}", "<= 60",
+                    by_ops["Guard + ZClip"] <= 60))
+    targets.append(("aten ops/step, Guard + spike ladder (recovery work)", f"{by_ops['Guard + spike ladder']}",
+                    "<= 60", by_ops["Guard + spike ladder"] <= 60))
+
+    table = Table(title="2. the Guard's own work (no-op optimizer) / torch clip_grad_norm_, same gradients",
+                  title_justify="left")
+    for col in ("model", "torch clip ms", "guard monitor", "guard full (ZClip)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for case in cases(quick):
+        check_parity(case)
+        torch.manual_seed(0)
+        own = own_work(case, case.model(), 10 if quick else 60)
+        table.add_row(case.name, f"{own['torch clip ms']:.2f}", f"{own['guard monitor']:.3f}",
+                      f"{own['guard full']:.3f}")
+    console.print(table)
+
+    agc = agc_vs_fixed(quick, 5 if quick else 25)
+    table = Table(title=f"3. AGC in the Guard, {agc['tensors']} tensors ({agc['params']:,} parameters), "
+                        "no-op optimizer", title_justify="left")
+    for col in ("FixedClip Guard ms", "AGC Guard ms", "AGC / FixedClip Guard", "AGC Guard / torch clip",
+                "adaptive_clip_grad_ / torch clip"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{agc['fixed ms']:.2f}", f"{agc['agc ms']:.2f}", f"{agc['agc / fixed']:.3f}",
+                  f"{agc['agc / torch clip']:.3f}", f"{agc['free / torch clip']:.3f}")
+    console.print(table)
+    targets.append(("AGC Guard / FixedClip Guard, 1,000 tensors", f"{agc['agc / fixed']:.3f}", "<= 1.5",
+                    agc["agc / fixed"] <= 1.5))
+
+    table = Table(title="4. full training step, AdamW (median; ratio: paired, to plain + torch clip of the "
+                        "same optimizer)", title_justify="left")
+    for col in ("model", "variant", "step ms", "x plain+torch clip", "syncs/step"):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
-    for name, k, ms, ratio, s, added, extra in rows:
-        table.add_row(name, k, f"{ms:.2f}", f"{ratio:.3f}",
-                      "" if extra is None else f"{extra:+.3f} ms ({extra / ms:+.1%})",
-                      f"{s:g}", f"{added:g}")
-    Console(width=130).print(table)
-    print("x plain+torch clip: median over rounds of the paired ratio (every variant runs one "
-          "step per round). Guard work - torch clip: guard.step with a no-op optimizer minus "
-          "clip_grad_norm_, on the same gradients, as a share of that row's step. syncs/step "
-          "counts every host read, including AdamW(foreach)'s read of its CPU step counters (not "
-          "a device sync on a GPU); 'added by Guard' is the difference to the plain + torch clip "
-          "row of the same optimizer.")
+    for case in cases(quick):
+        for k, ms, r, s in full_step(case, 4 if quick else 30):
+            table.add_row(case.name, k, f"{ms:.2f}", f"{r:.3f}", f"{s:g}")
+            if k == "guard full":
+                targets.append((f"full step, guard full / plain + torch clip, {case.name}", f"{r:.3f}",
+                                "<= 1.05", r <= 1.05))
+            if k == "guard full fused":
+                targets.append((f"host syncs/step, guard full fused, {case.name}", f"{s:g}", "== 0", s == 0))
+    console.print(table)
+    console.print("syncs/step counts every host read, including AdamW(foreach)'s read of its CPU step "
+                  "counters (not a device sync on a GPU); the fused rows read nothing.")
+
+    n_t, n_r = (500, 200) if quick else (5000, 2000)
+    per = history_bytes(n_t, n_r)
+    targets.append((f"History bytes per (row, tensor), {n_t:,} tensors x {n_r:,} rows", f"{per:.2f}", "<= 8",
+                    per <= 8))
+
+    table = Table(title="targets (issue 13), from this run", title_justify="left")
+    for col in ("target", "measured", "goal", ""):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for name, got, goal, ok in targets:
+        table.add_row(name, got, goal, verdict(ok))
+    console.print(table)
+    console.print(f"total {time.perf_counter() - t_start:.1f} s; torch {torch.__version__}, 1 thread, CPU"
+                  + ("; --quick: tiny sizes, a crash check, its timings mean nothing" if quick else ""))
 
 
 if __name__ == "__main__":

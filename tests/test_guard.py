@@ -572,3 +572,29 @@ def test_zero_sync_path_rolls_back_at_the_flush():
     assert calls == [(12, 8)] and guard.step_count == 8
     assert (guard.total_nonfinite, guard.consecutive_nonfinite) == (2, 0)  # row 11: abandoned
     assert all(torch.equal(a, b) for a, b in zip(at8, model.parameters()))
+
+
+def test_per_step_fixed_cost_in_aten_ops() -> None:
+    """The Guard's per-step cost on a tiny model is a count of aten ops (each a kernel launch on a
+    GPU), deterministic on any machine: pinned here, measured in benchmarks/bench_guard.py."""
+    def ops_per_step(**kw) -> int:
+        torch.manual_seed(0)
+        m = nn.Linear(4, 1)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        guard = gg.Guard(m, measure_updates=0, **kw)
+        for _ in range(31):  # the last one is counted, past every warm-up
+            opt.zero_grad()
+            loss = m(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            with count_host_syncs() as c:
+                guard.step(opt, loss=loss)
+        with count_host_syncs() as c_opt:
+            opt.step()
+        return c.dispatched - c_opt.dispatched
+
+    counts = {name: ops_per_step(clip=pol) for name, pol in [
+        ("none", None), ("fixed", gg.FixedClip(1.0)), ("autoclip", gg.AutoClip()), ("zclip", gg.ZClip())]}
+    assert counts["none"] <= 10, counts
+    assert counts["fixed"] <= 16, counts
+    assert counts["autoclip"] <= 45, counts
+    assert counts["zclip"] <= 60, counts

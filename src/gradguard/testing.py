@@ -42,12 +42,15 @@ def _tensors_inside(data: Any, depth: int = 0) -> int:
 
 
 class SyncCounter(TorchDispatchMode):
-    """A dispatch mode that counts host reads; ``count`` and ``ops`` (op names) are kept."""
+    """A dispatch mode that counts host reads; ``count`` and ``ops`` (op names) are kept, and
+    ``dispatched``, every aten op run inside the block (the per-step fixed cost on a small
+    model: each op is a kernel launch on a GPU)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
         self.ops: list[str] = []
+        self.dispatched = 0
 
     def _hit(self, name: str) -> None:
         self.count += 1
@@ -55,6 +58,7 @@ class SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        self.dispatched += 1
         if func in _SYNC_OPS:
             self._hit(str(func))
         elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
