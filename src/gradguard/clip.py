@@ -402,23 +402,54 @@ class AGCUnits(NamedTuple):
     def n_units(self) -> int:
         return sum(self.rows) + len(self.vecs)
 
-    def norms(self, foreach: bool) -> tuple[Tensor, Tensor]:
-        """(weight unit norms, gradient unit norms), 1-D, in ``acc_dtype``."""
-        return _unit_norms(self.w_mats, self.w_vecs, foreach), _unit_norms(self.mats, self.vecs, foreach)
+    def norms(self, foreach: bool, buf: AGCBuffers | None = None) -> tuple[Tensor, Tensor]:
+        """(weight unit norms, gradient unit norms), 1-D, in ``acc_dtype`` (written into
+        ``buf``'s tensors when given: no allocation, no concatenation)."""
+        if buf is None:
+            return _unit_norms(self.w_mats, self.w_vecs, foreach), _unit_norms(self.mats, self.vecs, foreach)
+        _unit_norms_into(self.w_mats, self.w_vecs, buf.w_rows, buf.w_vec)
+        _unit_norms_into(self.mats, self.vecs, buf.g_rows, buf.g_vec)
+        return buf.w, buf.g
 
-    def scale_(self, factor: Tensor, foreach: bool) -> None:
-        """Multiply every unit by its entry of ``factor`` (in the order of :meth:`norms`)."""
-        g0 = (self.mats or self.vecs)[0]
-        factor = factor.to(_multiplier_dtype(g0.device, g0.dtype, factor.dtype))
-        n_rows = sum(self.rows)
+    def scale_(self, factor: Tensor, foreach: bool, buf: AGCBuffers | None = None) -> None:
+        """Multiply every unit by its entry of ``factor`` (in the order of :meth:`norms`;
+        ``buf``: ``factor`` is ``buf.factor``, whose per-tensor views are ready)."""
+        if buf is not None:
+            per, per_vec = buf.f_mats, buf.f_vecs
+        else:
+            g0 = (self.mats or self.vecs)[0]
+            factor = factor.to(_multiplier_dtype(g0.device, g0.dtype, factor.dtype))
+            per, per_vec = _factor_views(factor, self.rows, [g.ndim for g in self.mats], len(self.vecs))
         if self.mats:
-            per = factor[:n_rows].unsqueeze(1).split(self.rows)
-            # (rows, 1) broadcasts over a matrix; a conv kernel needs (rows, 1, 1, 1)
-            per = [f if g.ndim == 2 else f.view((-1,) + (1,) * (g.ndim - 1))
-                   for f, g in zip(per, self.mats)]
             _mul_lists_(self.mats, per, foreach)
         if self.vecs:
-            _mul_lists_(self.vecs, list((factor[n_rows:] if self.mats else factor).unbind(0)), foreach)
+            _mul_lists_(self.vecs, per_vec, foreach)
+
+
+def _factor_views(factor: Tensor, rows: list[int], ndims: list[int], n_vecs: int
+                  ) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-tensor views of the unit factors: (rows, 1) broadcasts over a matrix, (rows, 1, 1, 1)
+    over a conv kernel; one 0-dim factor per one-unit tensor."""
+    n_rows = sum(rows)
+    per = list(factor[:n_rows].unsqueeze(1).split(rows)) if rows else []
+    per = [f if nd == 2 else f.view((-1,) + (1,) * (nd - 1)) for f, nd in zip(per, ndims)]
+    return per, list(factor[n_rows:n_rows + n_vecs].unbind(0)) if n_vecs else []
+
+
+class AGCBuffers:
+    """Preallocated unit-norm and factor tensors for a fixed split of float32/float64
+    gradients (what :class:`gradguard.AGC` reuses every step), with their per-tensor views."""
+
+    def __init__(self, rows: list[int], ndims: list[int], n_vecs: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        n_rows = sum(rows)
+        n = n_rows + n_vecs
+        self.w, self.g, self.factor = (torch.empty(n, dtype=dtype, device=device) for _ in range(3))
+        self.one = torch.ones((), dtype=dtype, device=device)
+        self.w_rows = list(self.w[:n_rows].split(rows)) if rows else []
+        self.g_rows = list(self.g[:n_rows].split(rows)) if rows else []
+        self.w_vec, self.g_vec = self.w[n_rows:], self.g[n_rows:]
+        self.f_mats, self.f_vecs = _factor_views(self.factor, rows, ndims, n_vecs)
 
 
 def _mul_lists_(ts: list[Tensor], fs: list[Tensor], foreach: bool) -> None:
@@ -427,6 +458,13 @@ def _mul_lists_(ts: list[Tensor], fs: list[Tensor], foreach: bool) -> None:
     else:
         for t, f in zip(ts, fs):
             t.mul_(f)
+
+
+def _unit_norms_into(mats: list[Tensor], vecs: list[Tensor], rows_out: list[Tensor], vec_out: Tensor) -> None:
+    for t, o in zip(mats, rows_out):
+        torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), out=o)
+    if vecs:
+        torch.stack(torch._foreach_norm(vecs, 2), out=vec_out)
 
 
 def _unit_norms(mats: list[Tensor], vecs: list[Tensor], foreach: bool) -> Tensor:

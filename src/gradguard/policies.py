@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from gradguard._checks import check_choice, check_int, check_norm_type, check_positive, check_probability
 from gradguard._ema import running_update
 from gradguard._plan import ParamPlan
-from gradguard.clip import AGCUnits, _check_eps, clip_coef, scale_
+from gradguard.clip import AGCBuffers, AGCUnits, _check_eps, clip_coef, scale_
 from gradguard.stats import GradStats, _norm_out_dtype, _widen, use_foreach
 
 __all__ = ["AGC", "AutoClip", "ClipPolicy", "FixedClip", "ValueClip", "ZClip"]
@@ -280,17 +280,24 @@ def _tensors_in(obj: Any, depth: int = 0) -> list[Tensor]:
     return []
 
 
-class _AGCLayout(NamedTuple):
+class _AGCLayout:
     """Which planned tensors are clipped as matrices and which as one unit, for one set of
-    present gradients, when they share one (device, dtype) and the foreach kernels."""
+    present gradients, when they share one (device, dtype) and the foreach kernels; with the
+    buffers their unit norms and factors are written into every step (float32/float64)."""
 
-    mats: list[int]  # plan indices, clipped per row
-    vecs: list[int]  # plan indices, clipped as one unit
-    rest: list[int]  # plan indices with a gradient, not clipped (the head)
-    rows: list[int]
-    n_rows: int
-    lengths: Tensor  # rows per matrix, on the device (segment sums)
-    order: Tensor | None  # plan position of each of mats + vecs + rest (None: the identity)
+    def __init__(self, plan: ParamPlan, mats: list[int], vecs: list[int], rest: list[int]) -> None:
+        params = plan.params
+        self.mats, self.vecs, self.rest = mats, vecs, rest
+        self.rows = [params[i].shape[0] for i in mats]
+        self.n_rows = sum(self.rows)
+        dev = plan.device
+        self.lengths = torch.tensor(self.rows, dtype=torch.long, device=dev)  # segment sums
+        order = mats + vecs + rest
+        self.order = None if order == list(range(len(params))) else torch.tensor(order, dtype=torch.long, device=dev)
+        dtype = params[mats[0] if mats else vecs[0]].dtype if (mats or vecs) else None
+        self.buf = None
+        if dtype in (torch.float32, torch.float64):
+            self.buf = AGCBuffers(self.rows, [params[i].ndim for i in mats], len(vecs), dtype, dev)
 
     @classmethod
     def build(cls, plan: ParamPlan, absent: tuple[bool, ...], excluded: set[int]) -> _AGCLayout | None:
@@ -303,12 +310,7 @@ class _AGCLayout(NamedTuple):
         mats = [i for i in present if i not in excluded and params[i].ndim >= 2 and params[i].numel() > 0]
         mat_set = set(mats)
         vecs = [i for i in present if i not in excluded and i not in mat_set]
-        rest = [i for i in present if i in excluded]
-        rows = [params[i].shape[0] for i in mats]
-        order = mats + vecs + rest
-        dev = plan.device
-        return cls(mats, vecs, rest, rows, sum(rows), torch.tensor(rows, dtype=torch.long, device=dev),
-                   None if order == list(range(len(absent))) else torch.tensor(order, dtype=torch.long, device=dev))
+        return cls(plan, mats, vecs, [i for i in present if i in excluded])
 
     def units(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> AGCUnits:
         # The weights are read under no_grad (see AGC.measure/clip_), so no detach() per tensor.
@@ -461,7 +463,7 @@ class AGC(ClipPolicy):
             self._exclude_spec = names
         self._excluded: set[int] | None = None  # indices into the plan
         self._layouts: dict[tuple[bool, ...], _AGCLayout | None] = {}
-        self._pending: tuple[GradStats, AGCUnits, Tensor, Tensor] | None = None
+        self._pending: tuple[GradStats, AGCUnits, Tensor, Tensor, AGCBuffers | None] | None = None
         self._inf: Tensor | None = None
         self._hooks: list[Any] = []
         self._trace: list[tuple[str, int, int]] = []
@@ -596,7 +598,7 @@ class AGC(ClipPolicy):
         if lay is None or foreach is False:
             return None
         units = lay.units(params, grads)
-        w_u, g_u = units.norms(True)
+        w_u, g_u = units.norms(True, lay.buf)
         # The per-tensor norms come from the unit norms: one pass over the gradients serves both.
         parts = []
         if lay.rows:
@@ -614,7 +616,7 @@ class AGC(ClipPolicy):
             per = torch.zeros(len(grads), dtype=flat.dtype, device=flat.device).index_copy_(0, lay.order, flat)
         total = torch.linalg.vector_norm(per, 2)
         stats = GradStats(total, per, total.sub(total).ne(0), 2.0)
-        self._pending = (stats, units, w_u, g_u)
+        self._pending = (stats, units, w_u, g_u, lay.buf)
         return stats
 
     @torch.no_grad()
@@ -627,28 +629,33 @@ class AGC(ClipPolicy):
             self._inf = torch.full((), math.inf, dtype=total.dtype, device=total.device)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is stats:
-            batches = [(pending[1], pending[2], pending[3], True)]
+            batches = [(pending[1], pending[2], pending[3], True, pending[4])]
         else:
             batches = []
-            for units, foreach in self._groups(params, grads):
-                batches.append((units, *units.norms(foreach), foreach))
+            for units, foreach, buf in self._groups(params, grads):
+                batches.append((units, *units.norms(foreach, buf), foreach, buf))
         hits = []
-        for units, w_u, g_u, foreach in batches:
+        for units, w_u, g_u, foreach, buf in batches:
             mn = w_u.clamp_min(self.eps).mul_(self.clipping)
             s = skip.to(g_u.device)
             # timm's factor where the unit is clipped; 1 where it is kept or the step is skipped
-            factor = torch.where((g_u < mn) | s, 1.0, mn / g_u.clamp_min(1e-6))
-            units.scale_(factor, foreach)
+            clip = mn / g_u.clamp_min(1e-6)
+            if buf is None:
+                factor = torch.where((g_u < mn) | s, 1.0, clip)
+            else:
+                factor = torch.where((g_u < mn) | s, buf.one, clip, out=buf.factor)
+            units.scale_(factor, foreach, buf)
             hits.append(((g_u >= mn).any() & ~s).to(total.device))
         if not hits:
             return self._inf, torch.zeros((), dtype=torch.bool, device=total.device)
         return self._inf, hits[0] if len(hits) == 1 else torch.stack(hits).any()
 
-    def _groups(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[tuple[AGCUnits, bool]]:
+    def _groups(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]
+                ) -> list[tuple[AGCUnits, bool, AGCBuffers | None]]:
         """The clipped (gradient, weight) pairs as units, per (device, dtype)."""
         lay = self._layout(grads)
         if lay is not None:
-            return [(lay.units(params, grads), True)]
+            return [(lay.units(params, grads), True, lay.buf)]
         excluded = self._excluded or set()
         by: dict[tuple[torch.device, torch.dtype, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         for i, (p, g) in enumerate(zip(params, grads)):
@@ -656,7 +663,7 @@ class AGC(ClipPolicy):
                 gs, ws = by.setdefault((g.device, g.dtype, p.dtype), ([], []))
                 gs.append(g)
                 ws.append(p.detach())
-        return [(AGCUnits.split(gs, ws), use_foreach(gs, dev, None) and use_foreach(ws, dev, None))
+        return [(AGCUnits.split(gs, ws), use_foreach(gs, dev, None) and use_foreach(ws, dev, None), None)
                 for (dev, _, _), (gs, ws) in by.items()]
 
     def state_dict(self) -> dict[str, Any]:
