@@ -50,7 +50,6 @@ from gradguard.stats import (
     Group,
     _norm_out_dtype,
     _widen,
-    acc_dtype,
     group_norms,
     group_tensors,
     reduce_groups,
@@ -304,11 +303,14 @@ def adaptive_clip_grad_(
         \quad \text{if } \lVert G_u \rVert_2 \ge m_u
 
     This is timm's ``adaptive_clip_grad`` formula and optax's test (a unit is kept while
-    ``|G_u| < m_u``), so a unit whose norm is NaN becomes NaN, as in both. Whole-tensor units
-    (biases, gains) are clipped in one foreach batch; on CPU, bf16 gradients are multiplied by
-    their factors rounded to bf16 (a float32 broadcast multiply is ~26x slower there). The paper advises leaving the classifier head out: pass its parameters
-    (or names, with ``named_parameters()``) in ``exclude``; :class:`gradguard.AGC` finds it from the
-    module structure.
+    ``|G_u| < m_u``), so a unit whose norm is NaN becomes NaN, as in both; float32/float64
+    results equal timm's bit for bit on the CPU. Per (device, dtype) it costs one row-norm call
+    per matrix for each of W and G (torch has no per-row foreach norm), one ``_foreach_norm`` for
+    all whole-tensor units (biases, gains), the factors of every unit at once, and two
+    ``_foreach_mul_``. On CPU, bf16 gradients are multiplied by their factors rounded to bf16 (a
+    float32 broadcast multiply is ~26x slower there). The paper advises leaving the classifier
+    head out: pass its parameters (or names, with ``named_parameters()``) in ``exclude``;
+    :class:`gradguard.AGC` finds it from the model's output.
 
     Args:
         parameters: parameters, or ``(name, parameter)`` pairs from ``named_parameters()``.
@@ -397,10 +399,6 @@ class AGCUnits(NamedTuple):
                 vecs.append(g)
                 w_vecs.append(w)
         return cls(mats, w_mats, vecs, w_vecs, [g.shape[0] for g in mats])
-
-    @property
-    def n_units(self) -> int:
-        return sum(self.rows) + len(self.vecs)
 
     def norms(self, foreach: bool, buf: AGCBuffers | None = None) -> tuple[Tensor, Tensor]:
         """(weight unit norms, gradient unit norms), 1-D, in ``acc_dtype`` (written into
