@@ -14,12 +14,13 @@ import gradguard as gg
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("clip", [None, "zclip", "autoclip"])
+@pytest.mark.parametrize("clip", [None, "zclip", "autoclip", "agc"])
 def test_fused_step_has_no_hidden_sync_on_cuda(clip):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    policy = {None: None, "zclip": gg.ZClip(warmup=2), "autoclip": gg.AutoClip(window=8)}[clip]
+    policy = {None: None, "zclip": gg.ZClip(warmup=2), "autoclip": gg.AutoClip(window=8),
+              "agc": gg.AGC(exclude=())}[clip]
     guard = gg.Guard(model, clip=policy, flush_every=100, measure_updates=0)
     x = torch.randn(8, 16, device="cuda")
     for t in range(6):

@@ -602,7 +602,10 @@ class AGC(ClipPolicy):
         # The per-tensor norms come from the unit norms: one pass over the gradients serves both.
         parts = []
         if lay.rows:
-            parts.append(torch.segment_reduce(g_u[:lay.n_rows].square(), "sum", lengths=lay.lengths).sqrt())
+            # unsafe=True: the lengths are right by construction, and checking them reads them
+            # back with .item() inside the op (a sync on a GPU that no dispatch mode can see)
+            parts.append(torch.segment_reduce(g_u[:lay.n_rows].square(), "sum", lengths=lay.lengths,
+                                              unsafe=True).sqrt())
         if units.vecs:
             parts.append(g_u[lay.n_rows:])
         if lay.rest:

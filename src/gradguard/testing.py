@@ -9,7 +9,8 @@
 cannot see it). On CPU these cost nothing, but each is a stall on a GPU; counting them on CPU
 catches the code paths that would stall.
 
-Not seen: the legacy constructors (``torch.Tensor([t0])``, ``torch.FloatTensor([t0])``) and code
+Not seen: a read made inside one aten op's own C++ code (the mode sees the op, not what it calls;
+e.g. ``torch.segment_reduce`` validating its lengths unless ``unsafe=True``), the legacy constructors (``torch.Tensor([t0])``, ``torch.FloatTensor([t0])``) and code
 that bound ``torch.tensor`` to another name before the counter started.
 """
 
