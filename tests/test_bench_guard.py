@@ -17,4 +17,8 @@ def test_bench_guard_quick() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "guard full" in proc.stdout
+    out = proc.stdout
+    assert "guard full" in out
+    for line in ("Guard + ZClip", "Guard + AGC", "Guard + spike ladder", "targets (issue 13)",
+                 "AGC Guard / FixedClip Guard", "History bytes per (row, tensor)"):
+        assert line in out, line
