@@ -651,3 +651,28 @@ def test_agc_head_found_when_forward_returns_only_the_loss():
     gg.Guard(model, clip=pol)
     model(torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6))).backward()
     assert pol.excluded == ["wte.weight"]
+
+
+def test_agc_guard_edge_cases_head_only_and_missing_grads():
+    # a model that is only its head: nothing is clipped, the statistics still come out
+    head = nn.Linear(4, 2)
+    g = gg.Guard(head, clip=gg.AGC())
+    head(torch.randn(3, 4)).sum().backward()
+    raw = [p.grad.clone() for p in head.parameters()]
+    out = g.step(torch.optim.SGD(head.parameters(), lr=0.0))
+    assert g.clip.excluded == ["weight", "bias"] and not bool(out.clipped)
+    assert all(torch.equal(a, p.grad) for a, p in zip(raw, head.parameters()))
+    torch.testing.assert_close(out.global_norm, torch.cat([r.flatten() for r in raw]).norm())
+    # a parameter without a gradient this step (an unused branch): the others match the free function
+    torch.manual_seed(1)
+    ma, mb = _Conv(), _Conv()
+    mb.load_state_dict(ma.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    for m in (ma, mb):
+        (m.fc(torch.relu(m.conv(x)).flatten(1)) * 30).sum().backward()  # `gain` gets no gradient
+    guard = gg.Guard(mb, clip=gg.AGC(0.02, exclude=()), measure_updates=0)
+    gg.adaptive_clip_grad_(ma.parameters(), 0.02)
+    out = guard.step(torch.optim.SGD(mb.parameters(), lr=0.0))
+    assert mb.gain.grad is None and bool(out.clipped)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ma.parameters(), mb.parameters()) if a.grad is not None)
+    assert guard.flush().layer_norm[0][0] == 0.0  # `gain` (registered first): no gradient, norm 0

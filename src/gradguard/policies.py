@@ -598,7 +598,9 @@ class AGC(ClipPolicy):
         if lay is None or foreach is False:
             return None
         units = lay.units(params, grads)
-        w_u, g_u = units.norms(True, lay.buf)
+        clipped_any = bool(lay.mats or lay.vecs)
+        if clipped_any:
+            w_u, g_u = units.norms(True, lay.buf)
         # The per-tensor norms come from the unit norms: one pass over the gradients serves both.
         parts = []
         if lay.rows:
@@ -619,7 +621,7 @@ class AGC(ClipPolicy):
             per = torch.zeros(len(grads), dtype=flat.dtype, device=flat.device).index_copy_(0, lay.order, flat)
         total = torch.linalg.vector_norm(per, 2)
         stats = GradStats(total, per, total.sub(total).ne(0), 2.0)
-        self._pending = (stats, units, w_u, g_u, lay.buf)
+        self._pending = (stats, units, w_u, g_u, lay.buf) if clipped_any else None
         return stats
 
     @torch.no_grad()
@@ -636,7 +638,8 @@ class AGC(ClipPolicy):
         else:
             batches = []
             for units, foreach, buf in self._groups(params, grads):
-                batches.append((units, *units.norms(foreach, buf), foreach, buf))
+                if units.mats or units.vecs:  # not everything is the (excluded) head
+                    batches.append((units, *units.norms(foreach, buf), foreach, buf))
         hits = []
         for units, w_u, g_u, foreach, buf in batches:
             mn = w_u.clamp_min(self.eps).mul_(self.clipping)
