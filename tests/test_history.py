@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradguard.history import SCALAR_FIELDS, History, HistoryBuffer
 from gradguard.testing import count_host_syncs
@@ -185,3 +187,35 @@ def test_pending_rows_of_a_v0_1_checkpoint_load() -> None:
     h = buf.flush()
     assert h.step == [7, 8] and h.clipped == [False, True] and h.layer_norm[1] == [4.0, 5.0, 6.0]
     assert all(math.isnan(v) for v in h.update_ratio[0]) and h.update_ratio[1] == pytest.approx([0.1, 0.2, 0.3])
+
+
+_f32 = st.floats(width=32, allow_nan=False)
+_rows = st.lists(st.tuples(st.lists(_f32, min_size=2, max_size=2), st.booleans(),
+                           st.lists(_f32, min_size=2, max_size=2)), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=_rows, b=_rows, max_rows=st.integers(1, 30), n_tail=st.integers(0, 30))
+def test_columns_behave_like_lists(a, b, max_rows, n_tail) -> None:
+    """extend / max_rows / tail on the compact columns equal the same on plain lists."""
+    def build(rows, start):
+        h = History(["x", "y"])
+        for i, (norms, measured, ratio) in enumerate(rows):
+            h.step.append(start + i)
+            h.loss.append(norms[0])
+            h.skipped.append(measured)
+            h.layer_norm.append(norms)
+            h.update_ratio.append(ratio if measured else [math.nan, math.nan])
+        return h
+
+    ref = [(i, norms, measured, ratio) for i, (norms, measured, ratio) in enumerate(a + b)][-max_rows:]
+    hist = build(a, 0)
+    hist.extend(build(b, len(a)), max_rows=max_rows)
+    assert hist.step == [r[0] for r in ref]
+    assert hist.loss == [r[1][0] for r in ref] and hist.skipped == [r[2] for r in ref]
+    assert [list(r) for r in hist.layer_norm] == [r[1] for r in ref]
+    for got, (_, _, measured, ratio) in zip(hist.update_ratio, ref):
+        assert got == ratio if measured else all(math.isnan(v) for v in got)
+    tail = hist.tail(n_tail)
+    assert tail.step == hist.step[-n_tail:] if n_tail else len(tail) == 0
+    assert list(tail.layer_norm) == list(hist.layer_norm)[len(hist) - len(tail):]
