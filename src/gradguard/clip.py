@@ -405,8 +405,8 @@ class AGCUnits(NamedTuple):
         ``buf``'s tensors when given: no allocation, no concatenation)."""
         if buf is None:
             return _unit_norms(self.w_mats, self.w_vecs, foreach), _unit_norms(self.mats, self.vecs, foreach)
-        _unit_norms_into(self.w_mats, self.w_vecs, buf.w_rows, buf.w_vec)
-        _unit_norms_into(self.mats, self.vecs, buf.g_rows, buf.g_vec)
+        _unit_norms_into(self.w_mats, self.w_vecs, buf.dims, buf.w_rows, buf.w_vec)
+        _unit_norms_into(self.mats, self.vecs, buf.dims, buf.g_rows, buf.g_vec)
         return buf.w, buf.g
 
     def scale_(self, factor: Tensor, foreach: bool, buf: AGCBuffers | None = None) -> None:
@@ -447,6 +447,7 @@ class AGCBuffers:
         self.w_rows = list(self.w[:n_rows].split(rows)) if rows else []
         self.g_rows = list(self.g[:n_rows].split(rows)) if rows else []
         self.w_vec, self.g_vec = self.w[n_rows:], self.g[n_rows:]
+        self.dims = [tuple(range(1, nd)) for nd in ndims]
         self.f_mats, self.f_vecs = _factor_views(self.factor, rows, ndims, n_vecs)
 
 
@@ -458,9 +459,11 @@ def _mul_lists_(ts: list[Tensor], fs: list[Tensor], foreach: bool) -> None:
             t.mul_(f)
 
 
-def _unit_norms_into(mats: list[Tensor], vecs: list[Tensor], rows_out: list[Tensor], vec_out: Tensor) -> None:
-    for t, o in zip(mats, rows_out):
-        torch.linalg.vector_norm(t, 2, dim=tuple(range(1, t.ndim)), out=o)
+def _unit_norms_into(mats: list[Tensor], vecs: list[Tensor], dims: list[tuple[int, ...]],
+                     rows_out: list[Tensor], vec_out: Tensor) -> None:
+    norm = torch.linalg.vector_norm
+    for t, d, o in zip(mats, dims, rows_out):  # the one Python loop: a call per matrix
+        norm(t, 2, d, out=o)
     if vecs:
         torch.stack(torch._foreach_norm(vecs, 2), out=vec_out)
 
