@@ -1,10 +1,13 @@
 """Clipping policies: threshold rules with explicit, checkpointable device state.
 
 A policy is a rule plus a typed state record, in the manner of optax's transforms. The
-:class:`gradguard.Guard` drives it once per optimizer step through a two-call protocol:
+:class:`gradguard.Guard` drives it once per optimizer step through this protocol:
 
 * ``bind(model, plan)`` once, when the Guard is created: learn the parameters (and, for AGC, find
   the output head) and put the state on the gradients' device;
+* ``measure(params, grads, foreach) -> GradStats | None`` every step, in one process: a policy
+  whose own pass over the gradients yields the statistics (AGC's unit norms) returns them, so the
+  Guard skips its pass; None (the base class) lets the Guard measure;
 * ``clip_(params, grads, stats, skip) -> (threshold, clipped)`` every step: clip ``grads`` in
   place and return two 0-dim device tensors. ``stats`` is the one pass over the gradients
   (:class:`gradguard.GradStats`), ``skip`` a 0-dim bool tensor that is True when the Guard will
