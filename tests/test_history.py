@@ -112,4 +112,5 @@ def test_state_dict_round_trip_keeps_pending_rows() -> None:
 
 
 def test_scalar_fields_are_the_documented_columns() -> None:
-    assert SCALAR_FIELDS == ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale")
+    assert SCALAR_FIELDS == ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale",
+                             "lr")

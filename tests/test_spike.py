@@ -61,14 +61,37 @@ def test_detector_ignores_nonfinite_and_blocked_steps():
     assert not bool(sp.detect(torch.tensor(1.0), None, f))  # no loss given: norm only
 
 
-def test_level_shift_is_absorbed_not_skipped_forever():
+def test_level_shift_is_not_absorbed():
+    """A level that jumps and stays up keeps spiking (ZClip-style absorption would hide it)."""
     sp = policy(z_thresh=3.0)
     sp.bind(torch.device("cpu"))
     f = torch.tensor(False)
     flags = [bool(sp.detect(torch.tensor(1.0 + 0.01 * (i % 3)), None, f)) for i in range(20)]
-    flags += [bool(sp.detect(torch.tensor(3.0 + 0.01 * (i % 3)), None, f)) for i in range(200)]
-    assert not any(flags[:20])
-    assert flags[20] and not any(flags[-100:])
+    flags += [bool(sp.detect(torch.tensor(2.0 + 0.01 * (i % 3)), None, f)) for i in range(200)]
+    assert not any(flags[:20]) and all(flags[20:])
+    sp.rearm()  # what the ladder does when it cannot roll back: learn the new level
+    flags = [bool(sp.detect(torch.tensor(2.0 + 0.01 * (i % 3)), None, f)) for i in range(30)]
+    assert not any(flags)
+
+
+def test_detector_matches_float64_welford_then_ema():
+    """Warm-up: the exact mean and population variance; after: var' = (1-w)(var + w d^2)."""
+    gen = torch.Generator().manual_seed(3)
+    xs = (1.0 + 0.1 * torch.randn(40, generator=gen, dtype=torch.float64)).tolist()
+    sp = gg.SpikePolicy(signals=("grad_norm",), warmup=10, alpha=0.9, z_thresh=50.0)
+    sp.bind(torch.device("cpu"), torch.float64)
+    f = torch.tensor(False)
+    for x in xs:
+        sp.detect(torch.tensor(x, dtype=torch.float64), None, f)
+    mean = sum(xs[:10]) / 10
+    var = sum((x - mean) ** 2 for x in xs[:10]) / 10
+    for x in xs[10:]:
+        d = x - mean
+        mean += 0.1 * d
+        var = 0.9 * (var + 0.1 * d * d)
+    assert sp.state[0, 1].item() == pytest.approx(mean, rel=1e-12)
+    assert sp.state[1, 1].item() == pytest.approx(var, rel=1e-10)
+    assert sp.state[2, 1].item() == 40
 
 
 def test_spike_step_is_skipped_and_params_untouched():
@@ -175,7 +198,8 @@ def test_rollback_gives_up_after_max_attempts():
 
 
 def test_backoff_then_rollback_ladder():
-    """Escalation 1 backs off, escalation 2 of the same streak rolls back (and backs off again)."""
+    """Escalation 1 backs off (and the detector learns anew), escalation 2 rolls back and backs
+    off again, at the trouble level reached."""
     calls = []
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -184,13 +208,14 @@ def test_backoff_then_rollback_ladder():
                                          on_rollback=lambda a, b: calls.append((a, b))))
     actions = []
     for i in range(30):
-        backward(model, i, spikes=(11, 12, 15, 16) if not calls else ())
+        backward(model, i, spikes=(11, 12, 20, 21) if not calls else ())
         actions.append(guard.lr_scale())
         guard.step(opt)
         opt.zero_grad()
     assert actions[13] == 0.5  # backed off after the spikes at 11, 12
-    assert calls == [(17, 10)]
-    assert guard.lr_scale() == 1.0 and guard.rollbacks == 1
+    assert calls == [(22, 15)]  # newest snapshot before the update preceding the spike at 20
+    assert actions[22] == 0.5 and guard.rollbacks == 1  # a repeated trouble: back-off again
+    assert guard.step_count == 23 and guard.lr_scale() == 1.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from gradguard._checks import check_int
 __all__ = ["SCALAR_FIELDS", "History", "HistoryBuffer"]
 
 #: Per-step scalar columns, in row order. Booleans are stored as 0/1; NaN means "not recorded".
-SCALAR_FIELDS = ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale")
+SCALAR_FIELDS = ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale", "lr")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class History:
         step: optimizer-step index of each row.
         loss, global_norm, threshold, lr_scale: floats per row (NaN where not recorded;
             ``threshold`` is +inf where nothing clipped by norm).
+        lr: the effective learning rate of the first param group (the scheduler's LR times
+            ``lr_scale``) at each step; NaN where not recorded.
         clipped, skipped: bools per row.
         layer_norm: per row, the gradient norm of each named tensor (``len(names)`` floats).
         update_ratio: per row, ``||Δw|| / ||w||`` of each named tensor, NaN where not measured.
@@ -49,6 +51,7 @@ class History:
     clipped: list[bool] = field(default_factory=list)
     skipped: list[bool] = field(default_factory=list)
     lr_scale: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
     layer_norm: list[list[float]] = field(default_factory=list)
     update_ratio: list[list[float]] = field(default_factory=list)
 
@@ -57,7 +60,7 @@ class History:
 
     def _columns(self) -> tuple[list[Any], ...]:
         return (self.step, self.loss, self.global_norm, self.threshold, self.clipped,
-                self.skipped, self.lr_scale, self.layer_norm, self.update_ratio)
+                self.skipped, self.lr_scale, self.lr, self.layer_norm, self.update_ratio)
 
     def extend(self, other: History, max_rows: int | None = None) -> None:
         """Append ``other``'s rows; keep at most the last ``max_rows`` rows."""
@@ -206,6 +209,7 @@ class HistoryBuffer:
         skipped: Tensor | bool = False,
         lr_scale: Tensor | float = 1.0,
         update_ratio: Tensor | None = None,
+        lr: Tensor | float | None = None,
     ) -> None:
         """Write one row. Device tensors are copied on the device; no host sync."""
         if self.full:
@@ -216,15 +220,15 @@ class HistoryBuffer:
         dev, dt = buf.device, buf.dtype
 
         def col(v: Tensor | float | bool | None) -> Tensor:
-            if isinstance(v, Tensor):
-                return v.detach().reshape(()).to(device=dev, dtype=dt)
+            if isinstance(v, Tensor):  # under no_grad: no detach; .to is free when it matches
+                return (v if v.dim() == 0 else v.reshape(())).to(device=dev, dtype=dt)
             # torch.full is a fill kernel on the device: no host-to-device copy per step.
             return torch.full((), math.nan if v is None else float(v), dtype=dt, device=dev)
 
         scalars = torch.stack([col(loss), col(global_norm), col(threshold), col(clipped),
-                               col(skipped), col(lr_scale)])
-        ratio = self._nan_ratio if update_ratio is None else update_ratio.detach().to(dev, dt)
-        row = torch.cat([scalars, per_tensor_norm.detach().to(dev, dt), ratio])
+                               col(skipped), col(lr_scale), col(lr)])
+        ratio = self._nan_ratio if update_ratio is None else update_ratio.to(dev, dt)
+        row = torch.cat([scalars, per_tensor_norm.to(dev, dt), ratio])
         buf[len(self._steps)].copy_(row)
         self._steps.append(int(step))
 
