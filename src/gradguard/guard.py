@@ -714,10 +714,12 @@ class Guard:
         return self._flush_rows(True, self._last_optimizer, self._last_scaler)
 
     def findings(self) -> list[Any]:
-        """Run gradguard's detectors on :attr:`history` (flush first for the latest rows)."""
-        from gradguard.detect import run_detectors
+        """What the recorded run went through, from :attr:`history` (flush first for the latest
+        rows): incidents with what the Guard did, level shifts, and the per-layer findings, with
+        advice that accounts for what the Guard already does (:mod:`gradguard.recorded`)."""
+        from gradguard.recorded import findings
 
-        return run_detectors(self._history)
+        return findings(self._history)
 
     def close(self) -> None:
         """Flush, then close every sink that has ``close()``."""

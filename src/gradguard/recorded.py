@@ -53,6 +53,8 @@ DIVERGE_NORM_FACTOR = 10.0
 GAP = 10
 #: the loss is "back" when its 5-row median is within this share above the level before
 BACK_TOL = 0.05
+#: the loop's LR above this multiple of its earlier maximum (after the warm-up) is a jump
+LR_JUMP = 1.5
 #: share of steps clipped from which "clipped on every step" is told
 ALWAYS_CLIPPED = 0.95
 
@@ -90,6 +92,7 @@ class Incident:
     rolled_back_to: list[int] = field(default_factory=list)
     recovered_at: int | None = None
     shift: bool = False
+    lr_jump: float = 1.0
 
     @property
     def recovered(self) -> bool:
@@ -104,7 +107,7 @@ class Incident:
             "backoff_steps": self.backoff_steps, "rollbacks": self.rollbacks,
             "rolled_back_to": list(self.rolled_back_to),
             "recovered_at": -1 if self.recovered_at is None else self.recovered_at,
-            "recovered": self.recovered, "shift": self.shift,
+            "recovered": self.recovered, "shift": self.shift, "lr_jump": _sig(self.lr_jump),
         }
 
 
@@ -116,6 +119,18 @@ def _sig(x: float, digits: int = 3) -> float:
 
 def _finite(xs: list[float]) -> list[float]:
     return [x for x in xs if math.isfinite(x)]
+
+
+def _rel_noise(loss: list[float]) -> float:
+    """The loss's typical step-to-step scatter relative to its level: the median, over the run,
+    of ``|loss - median of its 5-row neighbourhood| / that median`` (robust to spikes)."""
+    y = _finite(loss)
+    devs = []
+    for i in range(2, len(y) - 2):
+        m = statistics.median(y[i - 2:i + 3])
+        if m > 0:
+            devs.append(abs(y[i] - m) / m)
+    return statistics.median(devs) if devs else 0.0
 
 
 def _nonfinite_row(h: History, i: int, loss_recorded: bool) -> bool:
@@ -142,21 +157,35 @@ def incidents(history: History) -> list[Incident]:
                         if not h.skipped[j] and not nonfinite[j]])
         return statistics.median(prev) if len(prev) >= 3 else math.nan
 
+    # the factors scale with the loss's own scatter: a noisy loss needs a larger rise to count
+    noise = _rel_noise(loss) if recorded else 0.0
+    spike_factor = max(SPIKE_FACTOR, 1.0 + 8.0 * noise)
+    shift_factor = max(SHIFT_FACTOR, 1.0 + 6.0 * noise)
+    back_tol = max(BACK_TOL, 2.0 * noise)
     trouble = [False] * n
+    spike = [False] * n
     for i in range(n):
         if h.skipped[i] or nonfinite[i] or rollback[i]:
             trouble[i] = True
-        elif recorded and math.isfinite(loss[i]):
+        if recorded and math.isfinite(loss[i]):
             lvl = level_before(i)
-            if math.isfinite(lvl) and lvl > 0 and loss[i] > SPIKE_FACTOR * lvl:
-                trouble[i] = True
-    shifts = level_shifts(loss, min_factor=SHIFT_FACTOR, window=5) if recorded else []
+            spike[i] = math.isfinite(lvl) and lvl > 0 and loss[i] > spike_factor * lvl
+    # a lone high batch is the data's tail, not an incident: spikes count two in a row
+    for i in range(n):
+        if spike[i] and ((i > 0 and spike[i - 1]) or (i + 1 < n and spike[i + 1])):
+            trouble[i] = True
+    shifts = level_shifts(loss, min_factor=shift_factor, window=5) if recorded else []
     shift_rows: set[int] = set()
     for s in shifts:
         stop = s.end if s.end is not None else n - 1
         for i in range(s.start, stop + 1):
             trouble[i] = True
             shift_rows.add(i)
+
+    lr_jumps = _lr_jumps(list(h.lr))
+    for a, b, _ in lr_jumps:
+        for i in range(a, b + 1):
+            trouble[i] = True
 
     # clusters of trouble rows
     clusters: list[tuple[int, int]] = []
@@ -192,13 +221,47 @@ def incidents(history: History) -> list[Incident]:
                 inc.backoff_steps += 1
             j += 1
         inc.shift = any(i in shift_rows for i in rows)
-        inc.recovered_at = _recovered_at(h, loss, last, inc.level, nonfinite, recorded)
+        inc.lr_jump = max((f for a, b, f in lr_jumps if first <= a <= last), default=1.0)
+        inc.recovered_at = _recovered_at(h, loss, last, inc.level, nonfinite, recorded, back_tol)
         out.append(inc)
     return out
 
 
+def _lr_jumps(lr: list[float]) -> list[tuple[int, int, float]]:
+    """``(first row, last row, factor)`` of each rise of the recorded LR above ``LR_JUMP`` times
+    its maximum so far, after the warm-up (the opening stretch where it rises every step)."""
+    n = len(lr)
+    if not any(math.isfinite(v) for v in lr):
+        return []
+    w = 1
+    while w < n and lr[w] > lr[w - 1]:
+        w += 1
+    top = max(_finite(lr[:w]), default=0.0)
+    out = []
+    j = w
+    while j < n:
+        v = lr[j]
+        if not math.isfinite(v):
+            j += 1
+            continue
+        if top > 0 and v > LR_JUMP * top:
+            start = j
+            while start - 1 > w and lr[start - 2] < lr[start - 1]:
+                start -= 1  # where the rise began (a creep starts well before it crosses)
+            base = lr[start - 1] if start > 0 and lr[start - 1] > 0 else top
+            end = j
+            while end + 1 < n and lr[end + 1] > LR_JUMP * top:
+                end += 1
+            out.append((start, end, max(_finite(lr[start:end + 1])) / base))
+            j = end + 1
+            continue
+        top = max(top, v)
+        j += 1
+    return out
+
+
 def _recovered_at(h: History, loss: list[float], last: int, level: float,
-                  nonfinite: list[bool], recorded: bool) -> int | None:
+                  nonfinite: list[bool], recorded: bool, tol: float) -> int | None:
     """The step from which the loss's 5-row median is back near ``level`` (None: never)."""
     n = len(h)
     if not recorded or not math.isfinite(level):
@@ -207,7 +270,7 @@ def _recovered_at(h: History, loss: list[float], last: int, level: float,
         return h.step[nxt] if nxt is not None else None
     for i in range(last + 1, n):
         win = _finite(loss[i:i + 5])
-        if len(win) >= min(3, n - i) and win and statistics.median(win) <= level * (1 + BACK_TOL):
+        if len(win) >= min(3, n - i) and win and statistics.median(win) <= level * (1 + tol):
             return h.step[i]
     return None
 
@@ -313,8 +376,8 @@ def _accounted(found: list[Finding], h: History, incs: list[Incident]) -> list[F
     did = _did(h)
     out = []
     for f in found:
-        if f.code == "loss_spike" and incs:
-            continue  # the incident tells the spike, with what the Guard did about it
+        if f.code == "loss_spike":
+            continue  # incidents tell spikes (with what the Guard did); a lone high batch is none
         if f.code in ("nonfinite_gradients", "nonfinite_loss") and not did["nonfinite_applied"] \
                 and did["skipped_nonfinite"]:
             continue  # every non-finite step was skipped: the incident tells it

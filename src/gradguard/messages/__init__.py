@@ -156,6 +156,9 @@ def incident_story(ev: dict[str, Any], lang: str = "en") -> str:
     a, b = ev.get("start_step", "?"), ev.get("end_step", "?")
     where = story_ui("step", lang, a=a) if a == b else story_ui("steps", lang, a=a, b=b)
     parts = []
+    jump = ev.get("lr_jump", 1.0)
+    if isinstance(jump, (int, float)) and jump > 1.0:
+        parts.append(story_ui("lr_jump", lang, factor=fmt_num(float(jump))))
     lf = ev.get("loss_factor", math.nan)
     if isinstance(lf, (int, float)) and math.isfinite(lf) and lf >= 1.1:
         parts.append(story_ui("loss", lang, factor=fmt_num(float(lf))))
