@@ -70,7 +70,7 @@ def test_level_shift_is_its_own_finding_and_an_error(tmp_path: Path, capsys):
     h.to_jsonl(path)
     assert main(["report", str(path)]) == 1
     out = capsys.readouterr().out
-    assert "Level shift" in out and "steps 100–159" in out
+    assert "Level shift" in out and "steps 100–159:" in out
 
 
 def test_story_of_a_handled_spike():
@@ -88,7 +88,7 @@ def test_story_of_a_handled_spike():
     f = next(f for f in findings(h) if f.code == "incident")
     assert f.severity.value == "info" and f.remedies == []
     en = M.finding_text(f, "en")
-    assert en.startswith("steps 60–40: loss ×") and "2 step(s) skipped" in en
+    assert en.startswith("steps 60–63: loss ×") and "2 step(s) skipped" in en
     assert "LR ×0.5 for 30 steps" in en and "rolled back 1× (to step 40)" in en
     assert "back to the pre-spike level by step" in en
     ko = M.finding_text(f, "ko")

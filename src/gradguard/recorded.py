@@ -49,6 +49,8 @@ SHIFT_FACTOR = 1.3
 DIVERGE_FACTOR = 2.0
 #: the gradient norm drifts up in healthy runs (as the LR decays); a lasting rise this large is not
 DIVERGE_NORM_FACTOR = 10.0
+#: a rise still up when the record ends must have lasted this many rows to count
+MIN_SHIFT_ROWS = 15
 #: trouble rows closer than this belong to one incident
 GAP = 10
 #: the loss is "back" when its 5-row median is within this share above the level before
@@ -65,7 +67,8 @@ class Incident:
 
     Attributes:
         first, last: the first and last trouble rows.
-        start_step, end_step: their ``step`` values.
+        start_step, end_step: the first row's ``step`` and the highest ``step`` in the stretch
+            (a rollback sends the ``step`` column back).
         level: the loss's median over the rows before (NaN without a recorded loss).
         loss_factor: the highest loss in the stretch over ``level`` (NaN when not finite).
         skipped, nonfinite: steps skipped / with non-finite gradients or loss in the stretch.
@@ -170,11 +173,12 @@ def incidents(history: History) -> list[Incident]:
         if recorded and math.isfinite(loss[i]):
             lvl = level_before(i)
             spike[i] = math.isfinite(lvl) and lvl > 0 and loss[i] > spike_factor * lvl
-    # a lone high batch is the data's tail, not an incident: spikes count two in a row
-    for i in range(n):
-        if spike[i] and ((i > 0 and spike[i - 1]) or (i + 1 < n and spike[i + 1])):
-            trouble[i] = True
-    shifts = level_shifts(loss, min_factor=shift_factor, window=5) if recorded else []
+    # a high batch or two is the data's tail, not an incident: spikes count three in a row
+    # (the ladder's default trigger)
+    for i in range(n - 2):
+        if spike[i] and spike[i + 1] and spike[i + 2]:
+            trouble[i] = trouble[i + 1] = trouble[i + 2] = True
+    shifts = _lasting(level_shifts(loss, min_factor=shift_factor, window=5), n) if recorded else []
     shift_rows: set[int] = set()
     for s in shifts:
         stop = s.end if s.end is not None else n - 1
@@ -199,7 +203,7 @@ def incidents(history: History) -> list[Incident]:
 
     out = []
     for first, last in clusters:
-        inc = Incident(first, last, h.step[first], h.step[last])
+        inc = Incident(first, last, h.step[first], max(h.step[first:last + 1]))
         inc.level = level_before(first)
         peak = max(_finite(loss[first:last + 1]), default=math.nan)
         if math.isfinite(inc.level) and inc.level > 0:
@@ -225,6 +229,11 @@ def incidents(history: History) -> list[Incident]:
         inc.recovered_at = _recovered_at(h, loss, last, inc.level, nonfinite, recorded, back_tol)
         out.append(inc)
     return out
+
+
+def _lasting(shifts: list[Any], n: int) -> list[Any]:
+    """Drop a rise that is still up at the end of the record but began too recently to judge."""
+    return [s for s in shifts if s.end is not None or n - s.start >= MIN_SHIFT_ROWS]
 
 
 def _lr_jumps(lr: list[float]) -> list[tuple[int, int, float]]:
@@ -313,7 +322,7 @@ def _level_shift_findings(h: History) -> list[Finding]:
     out = []
     for series, values, factor in (("loss", h.loss, DIVERGE_FACTOR),
                                    ("grad_norm", h.global_norm, DIVERGE_NORM_FACTOR)):
-        for s in level_shifts(values, min_factor=factor, window=5):
+        for s in _lasting(level_shifts(values, min_factor=factor, window=5), len(values)):
             if s.end is not None:
                 continue  # it came back: the incident tells it
             ev = {"series": series, "start_step": h.step[s.start], "before": _sig(s.before),

@@ -75,7 +75,10 @@ class SpikePolicy:
             LR x10 burst (which plain clipping absorbs) cost a needless rollback and back-off.
         z_thresh: standard deviations above the mean that make a spike. Default: 6.0
             (OLMo-core's SkipStep).
-        alpha: decay of the running statistics after the warm-up, in (0, 1). Default: 0.98.
+        alpha: decay of the running statistics after the warm-up, in (0, 1). Default: 0.95 (a
+            time constant of 20 steps: the mean keeps up with a falling loss, so the deviations
+            of a fast early decline do not inflate the variance; spikes are never learned, so a
+            short memory cannot absorb a blow-up).
         warmup: values averaged (exactly) before detection starts. Default: 20.
         min_rel_std: floor of the standard deviation relative to the mean. Default: 0.01.
         skip: rung 1, skip every spiking step. Default: True.
@@ -121,7 +124,7 @@ class SpikePolicy:
         *,
         signals: str | Iterable[str] = "auto",
         z_thresh: float = 6.0,
-        alpha: float = 0.98,
+        alpha: float = 0.95,
         warmup: int = 20,
         min_rel_std: float = 0.01,
         skip: bool = True,
