@@ -281,6 +281,10 @@ def test_kill_and_resume_with_spike_ladder(ladder):
     (dict(keep=0), ValueError, "`keep`"),
     (dict(max_rollbacks=-1), ValueError, "`max_rollbacks` must be >= 0"),
     (dict(on_rollback="skip"), TypeError, "`on_rollback` must be callable"),
+    (dict(trigger=4, window=3), ValueError, r"`trigger` \(4\) spikes cannot fit in `window` \(3\)"),
+    (dict(memory=0), ValueError, "`memory` must be >= 1"),
+    (dict(restore_rng="no"), TypeError, "`restore_rng` must be a bool"),
+    (dict(snapshot_to=3), TypeError, "`snapshot_to` must be 'cpu' or a directory"),
 ])
 def test_spike_policy_validation(kw, exc, match):
     with pytest.raises(exc, match=match):

@@ -237,23 +237,21 @@ def _lasting(shifts: list[Any], n: int) -> list[Any]:
 
 
 def _lr_jumps(lr: list[float]) -> list[tuple[int, int, float]]:
-    """``(first row, last row, factor)`` of each rise of the recorded LR above ``LR_JUMP`` times
-    its maximum so far, after the warm-up (the opening stretch where it rises every step)."""
+    """``(first row, last row, factor)`` of each stretch where the recorded LR exceeds ``LR_JUMP``
+    times its peak at the end of the warm-up (the opening stretch where it rises every step).
+    The peak is not updated afterwards, so a slow creep is caught as surely as a burst."""
     n = len(lr)
     if not any(math.isfinite(v) for v in lr):
         return []
     w = 1
     while w < n and lr[w] > lr[w - 1]:
         w += 1
-    top = max(_finite(lr[:w]), default=0.0)
+    top = max(_finite(lr[:w + 1]), default=0.0)
     out = []
     j = w
     while j < n:
         v = lr[j]
-        if not math.isfinite(v):
-            j += 1
-            continue
-        if top > 0 and v > LR_JUMP * top:
+        if top > 0 and math.isfinite(v) and v > LR_JUMP * top:
             start = j
             while start - 1 > w and lr[start - 2] < lr[start - 1]:
                 start -= 1  # where the rise began (a creep starts well before it crosses)
@@ -264,7 +262,6 @@ def _lr_jumps(lr: list[float]) -> list[tuple[int, int, float]]:
             out.append((start, end, max(_finite(lr[start:end + 1])) / base))
             j = end + 1
             continue
-        top = max(top, v)
         j += 1
     return out
 
