@@ -103,6 +103,11 @@ def test_lr_burst_from_the_loop_is_named_with_its_step():
     [inc] = incidents(history(falling(n), lr=lr))
     assert inc.start_step == 120 and inc.end_step == 124 and inc.lr_jump == pytest.approx(10, rel=0.02)
     assert verdict(history(falling(n), lr=lr)).startswith("steps 120–124: LR raised ×")
+    creep = [v * (1.05 ** max(0, i - 100)) for i, v in enumerate(lr)]  # x1.05 a step from 100
+    creep[120:125] = [v / 10 * 1.05 ** (i - 100) for i, v in zip(range(120, 125), lr[120:125])]
+    [inc] = incidents(history(falling(n), lr=creep))
+    assert inc.start_step == 101 and inc.lr_jump > 50  # named from where the creep began
+    assert inc.recovered and verdict(history(falling(n), lr=creep)).endswith("the loss was not affected")
 
 
 # --------------------------------------------------------------------------------------------

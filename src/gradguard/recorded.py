@@ -111,6 +111,7 @@ class Incident:
             "rolled_back_to": list(self.rolled_back_to),
             "recovered_at": -1 if self.recovered_at is None else self.recovered_at,
             "recovered": self.recovered, "shift": self.shift, "lr_jump": _sig(self.lr_jump),
+            "unaffected": self.recovered_at == self.start_step and not self.skipped,
         }
 
 
@@ -226,7 +227,10 @@ def incidents(history: History) -> list[Incident]:
             j += 1
         inc.shift = any(i in shift_rows for i in rows)
         inc.lr_jump = max((f for a, b, f in lr_jumps if first <= a <= last), default=1.0)
-        inc.recovered_at = _recovered_at(h, loss, last, inc.level, nonfinite, recorded, back_tol)
+        if inc.loss_factor <= 1 + back_tol and not inc.skipped and not inc.nonfinite:
+            inc.recovered_at = inc.start_step  # the loss never rose: nothing to recover from
+        else:
+            inc.recovered_at = _recovered_at(h, loss, last, inc.level, nonfinite, recorded, back_tol)
         out.append(inc)
     return out
 

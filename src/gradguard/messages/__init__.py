@@ -177,7 +177,9 @@ def incident_story(ev: dict[str, Any], lang: str = "en") -> str:
         parts.append(story_ui("rollback", lang, n=ev["rollbacks"], to=to))
     if not parts:
         parts.append(story_ui("quiet", lang))
-    if ev.get("recovered"):
+    if ev.get("unaffected"):
+        end = story_ui("unaffected", lang)
+    elif ev.get("recovered"):
         key = "recovered" if math.isfinite(float(ev.get("level", math.nan))) else "recovered_no_loss"
         end = story_ui(key, lang, step=ev.get("recovered_at"))
     else:

@@ -494,6 +494,7 @@ UI: dict[str, str] = {
 #: the pieces of a recorded run's story (gradguard.recorded): one incident is
 #: "<where>: <what>, <what>, ...; <how it ended>"
 STORY: dict[str, str] = {
+    "unaffected": "the loss was not affected",
     "lr_jump": "LR raised ×{factor} by the training loop",
     "step": "step {a}",
     "steps": "steps {a}–{b}",

@@ -492,6 +492,7 @@ UI: dict[str, str] = {
 
 #: 기록된 학습 이야기의 조각 (gradguard.recorded)
 STORY: dict[str, str] = {
+    "unaffected": "손실에는 영향이 없었음",
     "lr_jump": "학습 루프가 학습률을 ×{factor} 올림",
     "step": "{a}번째 스텝",
     "steps": "{a}–{b}번째 스텝",
