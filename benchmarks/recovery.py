@@ -219,7 +219,7 @@ def run(arm: str | None, dist: str, c: Config, seed: int, data, tuned: dict | No
             try:
                 guard.step(opt, loss=loss.detach())
             except GuardError as e:
-                note = f"gave up at tick {tick}: {str(e)[:60]}"
+                note = f"gave up at tick {tick}: {str(e).split(':')[0]}"
                 opt.zero_grad(set_to_none=True)
                 break
         opt.zero_grad(set_to_none=True)
@@ -250,6 +250,7 @@ def main() -> None:
     arms = args.arms.split(",")
     dists = args.dists.split(",")
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console(width=200)
@@ -266,7 +267,7 @@ def main() -> None:
             r = base[arm] if dist == "none" else run(arm, dist, c, args.seed, data, tuned)
             gap = 100 * (r.val / ref - 1) if math.isfinite(r.val) else math.inf
             table.add_row(dist, arm, f"{r.val:.4f}", f"{gap:+.2f}%", str(r.rollbacks), str(r.skips),
-                          (r.verdict + (f" [{r.note}]" if r.note else "")))
+                          escape(r.verdict + (f" ({r.note})" if r.note else "")))
         table.add_section()
     con.print(table)
     for arm, r in base.items():
