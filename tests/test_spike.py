@@ -450,7 +450,7 @@ def test_state_dict_round_trips_through_weights_only_and_refuses_other_settings(
     assert torch.equal(other.state, guard.spike.state)
 
 
-def test_history_carries_the_effective_lr():
+def test_history_carries_the_effective_lr(caplog):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gg.Guard(model, spike=policy(lr_factor=0.5, backoff_steps=4, trigger=2, window=2))
@@ -462,6 +462,7 @@ def test_history_carries_the_effective_lr():
     assert h.lr_scale[10:14] == [0.5] * 4
     assert h.lr[10:14] == pytest.approx([0.05] * 4) and h.lr[15] == pytest.approx(0.1)
     assert opt.param_groups[0]["lr"] == 0.1  # the loop's own LR is never overwritten
+    assert "LR backed off (x0.5) on 4 of 16 steps" in caplog.text and "effective lr 0.05" in caplog.text
 
 
 def test_per_step_ops_with_the_ladder_stay_small():

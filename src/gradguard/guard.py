@@ -688,6 +688,13 @@ class Guard:
                 culprit = f"; first non-finite layer at step {chunk.step[bad[0]]}: {first}"
             log.warning("gradguard: %d of %d steps skipped (%d with non-finite gradients) in steps %d..%d%s",
                         n_skip, len(chunk), len(bad), chunk.step[0], chunk.step[-1], culprit)
+        backed = [i for i, v in enumerate(chunk.lr_scale) if v < 1.0]
+        if backed:  # the effective LR, which the optimizer's param_groups do not show
+            i = backed[-1]
+            log.warning("gradguard: LR backed off (x%g) on %d of %d steps in steps %d..%d; "
+                        "effective lr %.3g at step %d (param_groups keep the scheduler's value)",
+                        chunk.lr_scale[i], len(backed), len(chunk), chunk.step[0], chunk.step[-1],
+                        chunk.lr[i], chunk.step[i])
         if process:
             # Rows from the zero-sync path reach the host counters only now.
             for i, seen in enumerate(observed):

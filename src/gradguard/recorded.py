@@ -307,7 +307,7 @@ def findings(history: History, probes: Any = None) -> list[Finding]:
     incs = incidents(history)
     for inc in incs:
         sev = Severity.INFO if inc.recovered else Severity.ERROR
-        remedies = [] if inc.recovered else _next_step(history, inc)
+        remedies = [] if inc.recovered else _next_step_remedies(history)
         layers = [inc.first_bad_layer] if inc.first_bad_layer else []
         out.append(Finding("incident", sev, layers, [], remedies, inc.evidence()))
     out.extend(_level_shift_findings(history))
@@ -357,10 +357,6 @@ def _next_step_remedies(h: History) -> list[str]:
     if not did["skipped_nonfinite"] and did["nonfinite_applied"]:
         out.append("skip_nonfinite_steps")
     return out
-
-
-def _next_step(h: History, inc: Incident) -> list[str]:
-    return _next_step_remedies(h)
 
 
 def _clipped_every_step(h: History) -> Finding | None:
