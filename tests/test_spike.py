@@ -448,6 +448,11 @@ def test_state_dict_round_trips_through_weights_only_and_refuses_other_settings(
     other.bind(torch.device("cpu"))
     other.load_state_dict(sd["spike"], strict=False)  # the 0.1 behaviour: load anyway
     assert torch.equal(other.state, guard.spike.state)
+    old = {"config": {}, "detector": {"mean": torch.zeros(2)}, "ladder": {"rollbacks": 2}}  # 0.1
+    with pytest.raises(ValueError, match="saved by gradguard 0.1.*strict=False"):
+        other.load_state_dict(old)
+    other.load_state_dict(old, strict=False)
+    assert other.rollbacks == 2
 
 
 def test_history_carries_the_effective_lr(caplog):

@@ -388,8 +388,18 @@ class SpikePolicy:
                     "strict=False to load the state anyway."
                 )
             log.warning("gradguard: %s; loading anyway (strict=False)", msg)
-        self.load_detector_state(state_dict.get("detector"))
-        self.load_ladder_state(state_dict["ladder"])
+        det, ladder = state_dict.get("detector"), state_dict["ladder"]
+        if (det is not None and "stats" not in det) or "tick" not in ladder:
+            msg = ("the checkpoint's SpikePolicy state was saved by gradguard 0.1, whose detector "
+                   "kept other statistics")
+            if strict:
+                raise ValueError(msg + "; pass strict=False to keep its rollback count and start "
+                                 "the detector over.")
+            log.warning("gradguard: %s; keeping the rollback count, the detector starts over", msg)
+            self.rollbacks = int(ladder.get("rollbacks", 0))
+            return
+        self.load_detector_state(det)
+        self.load_ladder_state(ladder)
 
     def __repr__(self) -> str:
         return "SpikePolicy(" + ", ".join(f"{k}={v!r}" for k, v in self._config().items()) + ")"
