@@ -94,8 +94,9 @@ class Guard:
             on the gradients (under AMP, also on the scaler's ``found_inf``); a non-finite
             ``loss`` with finite gradients is recorded and kept out of the spike statistics but
             does not skip the step. Default: True.
-        spike: a :class:`SpikePolicy` (skip, LR back-off, rollback on loss/norm spikes), or None
-            (off, the default).
+        spike: a :class:`SpikePolicy` (skip, LR back-off, rollback on loss/norm spikes; its
+            snapshots and restoring live in :mod:`gradguard.recovery`), or None (off, the
+            default). ``gg.SpikePolicy(rollback=True)`` is the recommended recovery configuration.
         scheduler: an LR scheduler the Guard steps after every applied optimizer step (and not
             after a skipped one). Leave None to step it yourself.
         sinks: callables given each flushed :class:`History` chunk (:class:`JSONLSink`,
