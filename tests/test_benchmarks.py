@@ -28,3 +28,17 @@ def test_bench_clip_quick_runs():
         assert name in out
     assert "gpt2-tiny / float32" in out and "many-small / bfloat16" in out
     assert "results equal torch's (checked)" in out
+
+
+def test_recovery_benchmark_quick_runs():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recovery.py"), "--quick"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for name in ("stock clip", "zclip", "recovery", "tuned", "lr x100", "garbage", "nan loss", "lr creep"):
+        assert name in out
+    assert "undisturbed recovery: bit-identical to the plain torch loop: True; 0 rollbacks, 0 skips" in out

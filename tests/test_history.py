@@ -116,7 +116,8 @@ def test_state_dict_round_trip_keeps_pending_rows() -> None:
 
 
 def test_scalar_fields_are_the_documented_columns() -> None:
-    assert SCALAR_FIELDS == ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale")
+    assert SCALAR_FIELDS == ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale",
+                             "lr")
 
 
 def test_history_memory_at_5000_tensors_and_2000_rows() -> None:
@@ -172,7 +173,7 @@ def test_columns_read_like_lists_and_scalar_fields_are_generic() -> None:
     assert all(hasattr(hist, f) for f in SCALAR_FIELDS)
     buf = HistoryBuffer(["a"], capacity=2)
     with pytest.raises(TypeError, match="unknown history column"):
-        buf.record(0, global_norm=torch.tensor(1.0), per_tensor_norm=torch.ones(1), lr=0.1)
+        buf.record(0, global_norm=torch.tensor(1.0), per_tensor_norm=torch.ones(1), momentum=0.1)
 
 
 def test_pending_rows_of_a_v0_1_checkpoint_load() -> None:

@@ -18,7 +18,7 @@ from gradguard.guard import Guard, GuardError, StepOutcome
 from gradguard.history import History
 from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
 from gradguard.sinks import CSVSink, JSONLSink, TensorBoardSink
-from gradguard.spike import SpikePolicy
+from gradguard.recovery import SpikePolicy
 from gradguard.stats import GradStats, grad_stats
 from gradguard import lab  # noqa: E402  (the lab imports its heavy dependencies lazily)
 

@@ -23,14 +23,9 @@ Plus one per flush.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import random
-import sys
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -42,7 +37,7 @@ from gradguard.distributed import has_dtensor, is_distributed, sharded_update_ra
 from gradguard.history import History, HistoryBuffer
 from gradguard.policies import ClipPolicy, FixedClip
 from gradguard.sinks import call_sinks
-from gradguard.spike import SpikePolicy
+from gradguard.recovery import Recovery, SpikePolicy
 from gradguard.stats import use_foreach
 
 __all__ = ["Guard", "GuardError", "StepOutcome"]
@@ -73,48 +68,10 @@ class StepOutcome(NamedTuple):
     threshold: Tensor
 
 
-@dataclass
-class _Snapshot:
-    step: int
-    model: dict[str, Any]
-    optimizer: dict[str, Any]
-    scaler: dict[str, Any] | None
-    scheduler: dict[str, Any] | None
-    rng: dict[str, Any]
-    guard: dict[str, Any]
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Deep copy with every tensor cloned to the CPU (snapshots must not alias live state)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np = sys.modules.get("numpy")
-    if np is not None:
-        state["numpy"] = np.random.get_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np = sys.modules.get("numpy")
-    if np is not None and "numpy" in state:
-        np.random.set_state(state["numpy"])
+def _group_lr(optimizer: Any, scale: float) -> Tensor | float:
+    """The first param group's effective LR (what the step used): the scheduler's times the back-off."""
+    lr = optimizer.param_groups[0].get("lr", math.nan)
+    return lr * scale if scale != 1.0 else lr
 
 
 def _is_scheduler(obj: Any) -> bool:
@@ -137,8 +94,9 @@ class Guard:
             on the gradients (under AMP, also on the scaler's ``found_inf``); a non-finite
             ``loss`` with finite gradients is recorded and kept out of the spike statistics but
             does not skip the step. Default: True.
-        spike: a :class:`SpikePolicy` (skip, LR back-off, rollback on loss/norm spikes), or None
-            (off, the default).
+        spike: a :class:`SpikePolicy` (skip, LR back-off, rollback on loss/norm spikes; its
+            snapshots and restoring live in :mod:`gradguard.recovery`), or None (off, the
+            default). ``gg.SpikePolicy(rollback=True)`` is the recommended recovery configuration.
         scheduler: an LR scheduler the Guard steps after every applied optimizer step (and not
             after a skipped one). Leave None to step it yourself.
         sinks: callables given each flushed :class:`History` chunk (:class:`JSONLSink`,
@@ -267,7 +225,7 @@ class Guard:
         if self.clip is not None:
             self.clip.bind(model, plan)
         if self.spike is not None:
-            self.spike.bind(plan.device)
+            self.spike.bind(plan.device, plan.norm_dtype)
         self._norm_type = self.clip.norm_type if self.clip is not None else 2.0
         hist_dtype = torch.float64 if plan.norm_dtype == torch.float64 else torch.float32
         # Update ratios are measured on every measure_updates-th step: at most this many a flush.
@@ -284,7 +242,7 @@ class Guard:
         self._found_inf_ok: set[int] = set()
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
-        self._snapshots: deque[_Snapshot] = deque(maxlen=self.spike.keep if self.spike else 1)
+        self._recovery = Recovery(self.spike) if self.spike is not None else None
         # host counters (optax apply_if_finite's, plus a few)
         self._step = 0
         self.consecutive_nonfinite = 0
@@ -495,7 +453,8 @@ class Guard:
         fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not defer_step
         per_step_sync = self._needs_host_each_step(optimizer, fused)
         spike_policy = self.spike
-        if spike_policy is not None and spike_policy.rollback and not self._snapshots:
+        if self._recovery is not None and spike_policy is not None and spike_policy.rollback \
+                and self._recovery.latest_step is None:
             self._take_snapshot(optimizer, scaler)
 
         found_inf = self._unscale(optimizer, scaler)
@@ -575,6 +534,7 @@ class Guard:
             step_idx, global_norm=stats.global_norm, per_tensor_norm=stats.per_tensor_norm,
             loss=loss_t if loss_t is not None else self._nan, threshold=threshold,
             clipped=clipped, skipped=skip, lr_scale=self._const(lr_scale), update_ratio=ratio,
+            lr=_group_lr(optimizer, lr_scale),
         )
         self._observed.append(per_step_sync)
         self._step += 1
@@ -584,9 +544,9 @@ class Guard:
             self._observe(step_idx, skip_h, nonfinite_h, spike_h, optimizer, scaler)
         if self._buffer.full:
             self._flush(optimizer, scaler)
-        if (spike_policy is not None and spike_policy.rollback
+        if (self._recovery is not None and spike_policy is not None and spike_policy.rollback
                 and self._step % spike_policy.snapshot_every == 0
-                and (not self._snapshots or self._snapshots[-1].step != self._step)):
+                and self._recovery.latest_step != self._step):
             self._take_snapshot(optimizer, scaler)
         return outcome
 
@@ -629,12 +589,14 @@ class Guard:
             return
         action = sp.observe(step, spike and not nonfinite)
         if action == "backoff":
-            log.warning("gradguard: %d spikes within %d steps at step %d: LR x%s for %d steps",
-                        sp.trigger, sp.window, step, sp.lr_factor, sp.backoff_steps)
+            log.warning("gradguard: %d spikes within %d steps at step %d: LR x%g for %d steps "
+                        "(trouble level %d)", sp.trigger, sp.window, step, sp.backoff_factor,
+                        sp.backoff_steps, sp.level)
         elif action == "rollback":
             start = sp.streak_start if sp.streak_start is not None else step
-            self._rollback(sp, f"repeated loss/gradient spikes since step {start}", start, optimizer,
-                           scaler)
+            # the update just before the first spike is suspect too: restore from before it
+            self._rollback(sp, f"repeated loss/gradient spikes since step {start}", start - 1,
+                           optimizer, scaler)
 
     def _first_bad_layer(self, step: int) -> tuple[str, float] | None:
         h = self._history
@@ -682,18 +644,13 @@ class Guard:
         }
 
     def _take_snapshot(self, optimizer: Any, scaler: Any) -> None:
-        self._snapshots.append(_Snapshot(
-            step=self._step,
-            model=_to_cpu(self.model.state_dict()),
-            optimizer=_to_cpu(optimizer.state_dict()),
-            scaler=_to_cpu(scaler.state_dict()) if scaler is not None else None,
-            scheduler=_to_cpu(self.scheduler.state_dict()) if self.scheduler is not None else None,
-            rng=_rng_state(),
-            guard=_to_cpu(self._core_state()),
-        ))
+        if self._recovery is not None:
+            self._recovery.snapshot(self._step, self.model, optimizer, scaler, self.scheduler,
+                                    self._core_state())
 
     def _rollback(self, sp: SpikePolicy, reason: str, trouble_start: int, optimizer: Any,
                   scaler: Any) -> None:
+        rec = self._recovery
         if sp.rollbacks >= sp.max_rollbacks:
             raise GuardError(
                 f"gave up after {sp.rollbacks} rollback(s) (max_rollbacks={sp.max_rollbacks}): "
@@ -701,35 +658,25 @@ class Guard:
                 "state; lower the learning rate, skip more data in on_rollback, or raise "
                 "max_rollbacks."
             )
-        if not self._snapshots:
+        snap = rec.choose(trouble_start) if rec is not None else None
+        if rec is None or snap is None:
             raise GuardError(f"{reason}, but no snapshot exists to roll back to.")
-        snap = self._snapshots[0]
-        for s in self._snapshots:  # the newest that predates the trouble
-            if s.step <= trouble_start:
-                snap = s
         from_step = self._step
-        self.model.load_state_dict(snap.model)
-        optimizer.load_state_dict(_to_cpu(snap.optimizer))  # a copy: load_state_dict may alias
+        core = rec.restore(snap, self.model, optimizer, scaler, self.scheduler)
         self._found_inf_ok.discard(id(optimizer))  # its state may predate lazy initialisation
-        if scaler is not None and snap.scaler is not None:
-            scaler.load_state_dict(_to_cpu(snap.scaler))
-        if self.scheduler is not None and snap.scheduler is not None:
-            self.scheduler.load_state_dict(_to_cpu(snap.scheduler))
-        _set_rng_state(snap.rng)
-        core = snap.guard
         self._step = core["step"]
         if self.clip is not None and core["policy"] is not None:
             self.clip.load_state_dict(core["policy"])
         if core["detector"] is not None:
             sp.load_detector_state(core["detector"])
-        while self._snapshots and self._snapshots[-1].step > snap.step:
-            self._snapshots.pop()
         self.consecutive_nonfinite = 0
         self._run_start = None
         sp.after_rollback(snap.step)
         self._zero_grads()
-        log.warning("gradguard: rolled back from step %d to step %d (%s); rollback %d of %d",
-                    from_step, snap.step, reason, sp.rollbacks, sp.max_rollbacks)
+        log.warning("gradguard: rolled back from step %d to step %d (%s); rollback %d of %d%s",
+                    from_step, snap.step, reason, sp.rollbacks, sp.max_rollbacks,
+                    f"; LR x{sp.backoff_factor:g} for {sp.backoff_steps} steps"
+                    if sp.backoff_until > snap.step else "")
         if sp.on_rollback is not None:
             sp.on_rollback(from_step, snap.step)
 
@@ -751,6 +698,13 @@ class Guard:
                 culprit = f"; first non-finite layer at step {chunk.step[bad[0]]}: {first}"
             log.warning("gradguard: %d of %d steps skipped (%d with non-finite gradients) in steps %d..%d%s",
                         n_skip, len(chunk), len(bad), chunk.step[0], chunk.step[-1], culprit)
+        backed = [i for i, v in enumerate(chunk.lr_scale) if v < 1.0]
+        if backed:  # the effective LR, which the optimizer's param_groups do not show
+            i = backed[-1]
+            log.warning("gradguard: LR backed off (x%g) on %d of %d steps in steps %d..%d; "
+                        "effective lr %.3g at step %d (param_groups keep the scheduler's value)",
+                        chunk.lr_scale[i], len(backed), len(chunk), chunk.step[0], chunk.step[-1],
+                        chunk.lr[i], chunk.step[i])
         if process:
             # Rows from the zero-sync path reach the host counters only now.
             for i, seen in enumerate(observed):
@@ -777,10 +731,12 @@ class Guard:
         return self._flush_rows(True, self._last_optimizer, self._last_scaler)
 
     def findings(self) -> list[Any]:
-        """Run gradguard's detectors on :attr:`history` (flush first for the latest rows)."""
-        from gradguard.detect import run_detectors
+        """What the recorded run went through, from :attr:`history` (flush first for the latest
+        rows): incidents with what the Guard did, level shifts, and the per-layer findings, with
+        advice that accounts for what the Guard already does (:mod:`gradguard.recorded`)."""
+        from gradguard.recorded import findings
 
-        return run_detectors(self._history)
+        return findings(self._history)
 
     def close(self) -> None:
         """Flush, then close every sink that has ``close()``."""
@@ -853,7 +809,8 @@ class Guard:
             self.spike.load_state_dict(state_dict["spike"])
         self._buffer.load_state_dict(state_dict["history"])
         self._observed = list(state_dict["observed"])
-        self._snapshots.clear()
+        if self._recovery is not None:
+            self._recovery.clear()
 
     def __repr__(self) -> str:
         return (f"Guard({len(self._plan)} tensors, clip={self.clip!r}, "

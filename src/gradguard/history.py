@@ -37,7 +37,7 @@ from gradguard._checks import check_int
 __all__ = ["BOOL_FIELDS", "SCALAR_FIELDS", "History", "HistoryBuffer"]
 
 #: Per-step scalar columns, in row order. NaN means "not recorded".
-SCALAR_FIELDS = ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale")
+SCALAR_FIELDS = ("loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale", "lr")
 #: The scalar columns that are flags (read back as bools).
 BOOL_FIELDS = frozenset({"clipped", "skipped"})
 #: What a row holds when ``record`` is not given a column (NaN otherwise).
@@ -286,6 +286,8 @@ class History:
         loss, global_norm, threshold, lr_scale: floats per row (NaN where not recorded;
             ``threshold`` is +inf where nothing clipped by norm), and any other name in
             :data:`SCALAR_FIELDS`.
+        lr: the effective learning rate of the first param group (the scheduler's LR times
+            ``lr_scale``) at each step; NaN where not recorded.
         clipped, skipped: bools per row.
         layer_norm: per row, the gradient norm of each named tensor (``len(names)`` float32
             values, read as a new list of floats: ``hist.layer_norm[i][j]``).
@@ -604,20 +606,21 @@ class HistoryBuffer:
         n = len(steps)
         if "rows" in state:  # gradguard 0.1: one row = scalars, norms, ratios (NaN: unmeasured)
             rows = state["rows"]
-            k, w = len(SCALAR_FIELDS), len(self.names)
-            scalars, norms, full_ratio = rows[:, :k], rows[:, k:k + w], rows[:, k + w:]
+            fields = ["loss", "global_norm", "threshold", "clipped", "skipped", "lr_scale"]
+            k, w = len(fields), len(self.names)
+            old_scalars, norms, full_ratio = rows[:, :k], rows[:, k:k + w], rows[:, k + w:]
             ratio_rows = [i for i in range(n) if not bool(torch.isnan(full_ratio[i]).all())]
             ratios = full_ratio[ratio_rows] if ratio_rows else full_ratio[:0]
         else:
-            fields = list(state["fields"])
-            if fields != list(SCALAR_FIELDS):
-                idx = [fields.index(f) if f in fields else None for f in SCALAR_FIELDS]
-                old = state["scalars"]
-                scalars = torch.stack([old[:, j] if j is not None else torch.full((n,), _default(f))
-                                       for j, f in zip(idx, SCALAR_FIELDS)], 1) if n else old[:, :0]
-            else:
-                scalars = state["scalars"]
+            fields, old_scalars = list(state["fields"]), state["scalars"]
             norms, ratio_rows, ratios = state["norms"], list(state["ratio_rows"]), state["ratios"]
+        if fields != list(SCALAR_FIELDS):  # saved by a version with other columns: map by name
+            idx = [fields.index(f) if f in fields else None for f in SCALAR_FIELDS]
+            scalars = torch.stack([
+                old_scalars[:, j] if j is not None else torch.full((n,), _default(f), dtype=old_scalars.dtype)
+                for j, f in zip(idx, SCALAR_FIELDS)], 1) if n else old_scalars.new_zeros((0, len(SCALAR_FIELDS)))
+        else:
+            scalars = old_scalars
         self._scal.fill_(math.nan)
         self._norms.fill_(math.nan)
         self._ratio.fill_(math.nan)

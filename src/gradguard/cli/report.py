@@ -1,8 +1,14 @@
-"""``gradguard report RUN.jsonl``: diagnose a recorded run from a Guard's JSON-lines history.
+"""``gradguard report RUN.jsonl``: what a recorded run went through, from a Guard's JSON-lines history.
 
-The file is what :class:`gradguard.JSONLSink` writes (one JSON object per step with ``step``,
-``loss``, ``global_norm``, per-tensor ``layer_norm`` and ``update_ratio``). The detectors that need
-a forward pass (saturation, dead units, activation scale) stay silent here; the others run.
+The file is what :class:`gradguard.JSONLSink` writes (one JSON object per step). It is read as a
+stream (memory: the kept columns, not the file). The report tells each incident (spikes,
+non-finite and skipped steps, back-offs, rollbacks, and whether the loss came back), level shifts
+(a loss that rose and stayed up), a threshold that clipped every step, and the per-layer
+findings that need no forward pass (:mod:`gradguard.recorded`).
+
+Exit status: 0 when no finding is an error, 1 when one is, 2 for bad usage or input: a missing,
+empty or malformed file (the message names the line), or fewer steps than the detectors need
+("too few steps to judge").
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from gradguard.cli._render import (
     write_report_files,
 )
 
-HELP = "diagnose a recorded run from its JSONL history (what JSONLSink writes)"
+HELP = "tell what a recorded run went through, from its JSONL history (what JSONLSink writes)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,18 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradguard.doctor import findings_from_history
-    from gradguard.history import History
+    from gradguard import messages as M
+    from gradguard.recorded import read_jsonl, report
 
     con = console()
     try:
-        history = History.from_jsonl(args.path)
+        history = read_jsonl(args.path)
     except (FileNotFoundError, ValueError) as e:
         return error(str(e))
-    report = findings_from_history(history)
-    report.metadata["lang"] = args.lang
-    report.metadata["source"] = str(args.path)
-    report.metadata["model"] = Path(args.path).name
-    print_report(con, report, args.lang)
-    write_report_files(con, report, args)
-    return exit_status(report)
+    rep = report(history, lang=args.lang, source=str(args.path), model=Path(args.path).name)
+    if rep.metadata.get("too_few_steps"):
+        f = rep.findings[0]
+        return error(f"{args.path}: {M.finding_title(f.code, args.lang)}: {M.finding_text(f, args.lang)}")
+    print_report(con, rep, args.lang)
+    write_report_files(con, rep, args)
+    return exit_status(rep)

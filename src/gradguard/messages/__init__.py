@@ -31,7 +31,9 @@ __all__ = [
     "remedy_snippet",
     "remedy_text",
     "remedy_title",
+    "incident_story",
     "render_report",
+    "story_ui",
     "trial_effect",
     "ui",
 ]
@@ -118,7 +120,7 @@ def finding_variant(f: Finding) -> str:
         return str(ev.get("direction", "shrinks"))
     if f.code == "learning_rate_too_high":
         return "diverged" if ev.get("went_nonfinite") else "text"
-    if f.code == "loss_spike":
+    if f.code in ("loss_spike", "level_shift"):
         return str(ev.get("series", "loss"))
     return "text"
 
@@ -133,13 +135,56 @@ def _fill(f: Finding, lang: str) -> _Fill:
         "factor": ev.get("factor_per_layer"),
     }
     out.update({k: fmt_num(v) for k, v in alias.items() if v is not None})
-    for k in ("worst", "mean"):
+    for k in ("worst", "mean", "share"):
         if k in ev:
             out[f"{k}_pct"] = _pct(ev[k])
     if "origin" in ev and not ev["origin"]:
         out["origin"] = ui("no_layers", lang)
     out["layers"] = format_layers(f.layers, lang)
+    if f.code == "incident":
+        out["story"] = incident_story(ev, lang)
     return out
+
+
+def story_ui(key: str, lang: str = "en", **kw: Any) -> str:
+    """A piece of a recorded run's story (:mod:`gradguard.recorded`), formatted with ``kw``."""
+    return _cat(lang).STORY[key].format(**kw)
+
+
+def incident_story(ev: dict[str, Any], lang: str = "en") -> str:
+    """One incident as a sentence: where, what happened and what the Guard did, how it ended."""
+    a, b = ev.get("start_step", "?"), ev.get("end_step", "?")
+    where = story_ui("step", lang, a=a) if a == b else story_ui("steps", lang, a=a, b=b)
+    parts = []
+    jump = ev.get("lr_jump", 1.0)
+    if isinstance(jump, (int, float)) and jump > 1.0:
+        parts.append(story_ui("lr_jump", lang, factor=fmt_num(float(jump))))
+    lf = ev.get("loss_factor", math.nan)
+    if isinstance(lf, (int, float)) and math.isfinite(lf) and lf >= 1.1:
+        parts.append(story_ui("loss", lang, factor=fmt_num(float(lf))))
+    if ev.get("nonfinite"):
+        layer = ev.get("first_bad_layer")
+        parts.append(story_ui("nonfinite_layer" if layer else "nonfinite", lang,
+                              n=ev["nonfinite"], layer=layer))
+    if ev.get("skipped"):
+        parts.append(story_ui("skipped", lang, n=ev["skipped"]))
+    backoff = ev.get("backoff", 1.0)
+    if isinstance(backoff, (int, float)) and backoff < 1.0:
+        parts.append(story_ui("backoff", lang, factor=fmt_num(float(backoff)),
+                              steps=ev.get("backoff_steps", "?")))
+    if ev.get("rollbacks"):
+        to = ", ".join(str(t) for t in ev.get("rolled_back_to", []))
+        parts.append(story_ui("rollback", lang, n=ev["rollbacks"], to=to))
+    if not parts:
+        parts.append(story_ui("quiet", lang))
+    if ev.get("unaffected"):
+        end = story_ui("unaffected", lang)
+    elif ev.get("recovered"):
+        key = "recovered" if math.isfinite(float(ev.get("level", math.nan))) else "recovered_no_loss"
+        end = story_ui(key, lang, step=ev.get("recovered_at"))
+    else:
+        end = story_ui("not_recovered", lang)
+    return f"{where}: {', '.join(parts)}; {end}"
 
 
 def finding_text(f: Finding, lang: str = "en") -> str:

@@ -156,6 +156,44 @@ FINDINGS: dict[str, dict[str, object]] = {
             ),
         },
     },
+    "incident": {
+        "title": "What happened",
+        "text": {
+            "text": "{story}",
+        },
+    },
+    "level_shift": {
+        "title": "Level shift (divergence)",
+        "text": {
+            "loss": (
+                "The loss rose from {before} to {after} (×{factor}) from step {start_step} and "
+                "stayed up until the end of the record: the run diverged, it did not spike."
+            ),
+            "grad_norm": (
+                "The gradient norm rose from {before} to {after} (×{factor}) from step "
+                "{start_step} and stayed up until the end of the record."
+            ),
+        },
+    },
+    "clipped_every_step": {
+        "title": "Clipped on every step",
+        "text": {
+            "text": (
+                "{share_pct} of the applied steps were clipped at {threshold} (the gradient "
+                "norm's median was {median_norm}): the clipping no longer removes outliers, it "
+                "sets the step size. The step size is the problem: lower the learning rate."
+            ),
+        },
+    },
+    "too_few_steps": {
+        "title": "Too few steps to judge",
+        "text": {
+            "text": (
+                "Only {steps} steps were recorded; the detectors need at least {needed} to judge "
+                "a run, so nothing is said about its health."
+            ),
+        },
+    },
 }
 
 CAUSES: dict[str, dict[str, str]] = {
@@ -451,4 +489,24 @@ UI: dict[str, str] = {
     "wrote": "Wrote {path}",
     "report_from": "Findings from {path} ({steps} steps)",
     "factory_loaded": "Model from {spec}",
+}
+
+#: the pieces of a recorded run's story (gradguard.recorded): one incident is
+#: "<where>: <what>, <what>, ...; <how it ended>"
+STORY: dict[str, str] = {
+    "unaffected": "the loss was not affected",
+    "lr_jump": "LR raised ×{factor} by the training loop",
+    "step": "step {a}",
+    "steps": "steps {a}–{b}",
+    "loss": "loss ×{factor}",
+    "nonfinite": "{n} step(s) with non-finite gradients or loss",
+    "nonfinite_layer": "{n} step(s) with non-finite gradients or loss (first in {layer})",
+    "skipped": "{n} step(s) skipped",
+    "backoff": "LR ×{factor} for {steps} steps",
+    "rollback": "rolled back {n}× (to step {to})",
+    "quiet": "nothing skipped",
+    "recovered": "back to the pre-spike level by step {step}",
+    "recovered_no_loss": "training resumed at step {step}",
+    "not_recovered": "not recovered",
+    "nothing": "nothing to report",
 }

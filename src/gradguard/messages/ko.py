@@ -157,6 +157,44 @@ FINDINGS: dict[str, dict[str, object]] = {
             ),
         },
     },
+    "incident": {
+        "title": "무슨 일이 있었나",
+        "text": {
+            "text": "{story}",
+        },
+    },
+    "level_shift": {
+        "title": "수준 이동(발산)",
+        "text": {
+            "loss": (
+                "손실이 {start_step}번째 스텝부터 {before}에서 {after}(×{factor})로 올라 기록이 끝날 "
+                "때까지 내려오지 않았습니다. 일시적인 스파이크가 아니라 학습이 발산했습니다."
+            ),
+            "grad_norm": (
+                "그래디언트 노름이 {start_step}번째 스텝부터 {before}에서 {after}(×{factor})로 올라 "
+                "기록이 끝날 때까지 내려오지 않았습니다."
+            ),
+        },
+    },
+    "clipped_every_step": {
+        "title": "매 스텝 클리핑됨",
+        "text": {
+            "text": (
+                "적용된 스텝의 {share_pct}가 {threshold}에서 클리핑되었습니다(그래디언트 노름의 "
+                "중앙값 {median_norm}). 클리핑이 더 이상 이상치를 잘라내는 것이 아니라 스텝 크기를 "
+                "정하고 있습니다. 문제는 스텝 크기입니다. 학습률을 낮추세요."
+            ),
+        },
+    },
+    "too_few_steps": {
+        "title": "판단하기에 스텝이 너무 적음",
+        "text": {
+            "text": (
+                "기록된 스텝이 {steps}개뿐입니다. 탐지기가 학습을 판단하려면 최소 {needed}개가 "
+                "필요하므로 건강 상태에 대해서는 아무것도 말하지 않습니다."
+            ),
+        },
+    },
 }
 
 CAUSES: dict[str, dict[str, str]] = {
@@ -450,4 +488,23 @@ UI: dict[str, str] = {
     "wrote": "{path} 저장함",
     "report_from": "{path}의 진단 결과 ({steps}스텝)",
     "factory_loaded": "{spec}에서 모델을 불러왔습니다",
+}
+
+#: 기록된 학습 이야기의 조각 (gradguard.recorded)
+STORY: dict[str, str] = {
+    "unaffected": "손실에는 영향이 없었음",
+    "lr_jump": "학습 루프가 학습률을 ×{factor} 올림",
+    "step": "{a}번째 스텝",
+    "steps": "{a}–{b}번째 스텝",
+    "loss": "손실 ×{factor}",
+    "nonfinite": "그래디언트나 손실이 유한하지 않은 스텝 {n}개",
+    "nonfinite_layer": "그래디언트나 손실이 유한하지 않은 스텝 {n}개(처음은 {layer})",
+    "skipped": "{n}스텝 건너뜀",
+    "backoff": "{steps}스텝 동안 학습률 ×{factor}",
+    "rollback": "{n}번 롤백({to}번째 스텝으로)",
+    "quiet": "건너뛴 스텝 없음",
+    "recovered": "{step}번째 스텝까지 스파이크 이전 수준으로 회복",
+    "recovered_no_loss": "{step}번째 스텝에서 학습 재개",
+    "not_recovered": "회복되지 않음",
+    "nothing": "보고할 것 없음",
 }
