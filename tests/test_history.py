@@ -178,7 +178,7 @@ def test_columns_read_like_lists_and_scalar_fields_are_generic() -> None:
 
 def test_pending_rows_of_a_v0_1_checkpoint_load() -> None:
     """gradguard 0.1 kept one (scalars | norms | ratios) row per step; its checkpoints load."""
-    k, n = len(SCALAR_FIELDS), len(NAMES)
+    k, n = 6, len(NAMES)  # 0.1's columns: loss, global_norm, threshold, clipped, skipped, lr_scale
     rows = torch.full((2, k + 2 * n), math.nan)
     rows[:, :k] = torch.tensor([[1.0, 2.0, math.inf, 0.0, 0.0, 1.0], [0.5, 3.0, math.inf, 1.0, 0.0, 1.0]])
     rows[:, k:k + n] = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
