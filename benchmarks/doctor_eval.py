@@ -409,7 +409,7 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 # -- evaluation -----------------------------------------------------------------------------------
 def first_remedy_effect(case: EvalCase, finding: Finding) -> tuple[str, str]:
     """(remedy, verdict) for the finding's first-ranked remedy, tried on a fresh copy."""
-    from gradguard.treat import TREATMENTS
+    from gradguard.doctor.remedies import TREATMENTS
 
     model, loss_fn, data, opt = case.build()
     n = case.steps if opt is not None else min(case.steps, doctor.EXAM_BATCHES)

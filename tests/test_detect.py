@@ -12,16 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradguard.detect import (
-    CODES,
-    DETECTORS,
-    EXPLODE_GROWTH,
-    VANISH_RATIO,
-    layer_view,
-    run_detectors,
-)
+from gradguard.doctor.detectors import CODES, DETECTORS, layer_view, run_detectors
+from gradguard.doctor.detectors._common import EXPLODE_GROWTH, VANISH_RATIO
+from gradguard.doctor.probes import ProbeSummary, SiteStats
 from gradguard.history import History, HistoryBuffer
-from gradguard.probe import ProbeSummary, SiteStats
 from gradguard.stats import grad_stats
 
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import string
 import pytest
 
 from gradguard import messages as M
-from gradguard.detect import CAUSES, CODES, REMEDIES
+from gradguard.doctor.detectors import CAUSES, CODES, REMEDIES
 from gradguard.findings import Finding
 from gradguard.messages import en, ko
-from gradguard.treat import TREATMENTS
+from gradguard.doctor.remedies import TREATMENTS
 
 NOTES = ("manual", "needs_optimizer", "trial_limit", "failed", "not_applicable")
 HANGUL = re.compile(r"[\uac00-\ud7a3]")

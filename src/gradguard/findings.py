@@ -3,6 +3,11 @@
 Everything here is plain data (codes, layer names, numbers) that round-trips through JSON. The
 words a person reads come from :mod:`gradguard.messages` by code, in English or Korean, when a
 report is rendered; nothing in this module holds user-facing text of its own.
+
+Rendering depends on findings, never the reverse: this module imports neither
+:mod:`gradguard.messages` nor :mod:`gradguard.report`. Those install their renderers here
+(:func:`set_renderer`) when they are imported, which ``import gradguard`` does; the convenience
+methods (``Finding.title``, ``Report.render``, ``Report.to_html``, ...) call them.
 """
 
 from __future__ import annotations
@@ -12,11 +17,32 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["Finding", "HistorySummary", "Report", "Severity", "Trial"]
+__all__ = ["Finding", "HistorySummary", "Report", "Severity", "Trial", "set_renderer"]
 
 REPORT_FORMAT = "gradguard.report/1"
+
+#: the renderers the rendering layers installed: "title", "explain", "text", "html"
+_RENDERERS: dict[str, Callable[..., str]] = {}
+
+
+def set_renderer(kind: str, fn: Callable[..., str]) -> None:
+    """Install the function behind ``Finding.title`` (``"title"``: ``fn(code, lang)``),
+    ``Finding.explain`` (``"explain"``: ``fn(finding, lang)``), ``Report.render`` (``"text"``:
+    ``fn(report, lang)``) or ``Report.to_html`` (``"html"``: ``fn(report, lang=lang)``).
+    :mod:`gradguard.messages` and :mod:`gradguard.report.plots` call it when imported."""
+    if kind not in ("title", "explain", "text", "html"):
+        raise ValueError(f"`kind` must be 'title', 'explain', 'text' or 'html', got {kind!r}.")
+    _RENDERERS[kind] = fn
+
+
+def _renderer(kind: str) -> Callable[..., str]:
+    fn = _RENDERERS.get(kind)
+    if fn is None:  # pragma: no cover - `import gradguard` installs every renderer
+        raise RuntimeError(f"no {kind!r} renderer installed: import gradguard first.")
+    return fn
 
 
 class Severity(str, Enum):
@@ -113,15 +139,11 @@ class Finding:
 
     def title(self, lang: str = "en") -> str:
         """The finding's title in ``lang`` (``"en"`` or ``"ko"``)."""
-        from gradguard import messages
-
-        return messages.finding_title(self.code, lang)
+        return _renderer("title")(self.code, lang)
 
     def explain(self, lang: str = "en") -> str:
         """The explanation with this finding's evidence filled in."""
-        from gradguard import messages
-
-        return messages.finding_text(self, lang)
+        return _renderer("explain")(self, lang)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,9 +246,7 @@ class Report:
 
         The library never prints: print the returned string yourself (the CLI does).
         """
-        from gradguard import messages
-
-        return messages.render_report(self, lang)
+        return _renderer("text")(self, lang)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -292,9 +312,7 @@ class Report:
         Returns:
             The HTML text.
         """
-        from gradguard.report.plots import report_html
-
-        text = report_html(self, lang=lang)
+        text = _renderer("html")(self, lang=lang)
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text

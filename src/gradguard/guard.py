@@ -768,7 +768,7 @@ class Guard:
 
     def findings(self) -> list[Any]:
         """Run gradguard's detectors on :attr:`history` (flush first for the latest rows)."""
-        from gradguard.detect import run_detectors
+        from gradguard.doctor.detectors import run_detectors
 
         return run_detectors(self._history)
 

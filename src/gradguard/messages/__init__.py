@@ -12,6 +12,7 @@ import math
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from gradguard.findings import set_renderer
 from gradguard.messages import en, ko
 
 if TYPE_CHECKING:
@@ -265,3 +266,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = [line(header), line(["-" * w for w in widths])]
     out.extend(line(r) for r in rows)
     return out
+
+
+set_renderer("title", finding_title)
+set_renderer("explain", finding_text)
+set_renderer("text", render_report)

@@ -129,7 +129,7 @@ def _orthogonal(w: torch.Tensor, gain: float) -> None:
 
 def _sequential_follow(model: nn.Module) -> dict[str, str | None]:
     """Activation op following each weight layer among ``nn.Sequential`` neighbours."""
-    from gradguard.probe import _module_op
+    from gradguard.doctor.probes import _module_op
 
     out: dict[str, str | None] = {}
     for pname, mod in model.named_modules():
@@ -204,7 +204,7 @@ def insert_batch_norm_(model: nn.Module) -> list[str]:
     Returns:
         list[str]: qualified names of the layers that got a normalisation after them.
     """
-    from gradguard.probe import _module_op
+    from gradguard.doctor.probes import _module_op
 
     changed = []
     for pname, seq in list(model.named_modules()):

@@ -1,0 +1,118 @@
+"""The run over steps: gradient norms that explode, loss spikes."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from gradguard.doctor.detectors._common import (
+    EXPLODE_GROWTH, EXPLODE_SUSTAIN, MIN_ROWS, SPIKE_NORM_RATIO, SPIKE_RATIO, SPIKE_WINDOW,
+    SPIKE_Z, _Ctx, _loss_trend, _median, _sig,
+)
+from gradguard.findings import Finding, Severity
+
+
+def _exploding_over_steps(ctx: _Ctx) -> Finding | None:
+    gn = ctx.hist.global_norm
+    idx = [i for i, v in enumerate(gn) if math.isfinite(v) and v > 0]
+    if len(idx) < MIN_ROWS:
+        return None
+    k = max(3, len(idx) // 5)
+    early = _median([gn[i] for i in idx[:k]])
+    late = _median([gn[i] for i in idx[-k:]])
+    peak = max(gn[i] for i in idx)
+    went_bad = ctx.first_bad_row is not None
+    if early <= 0:
+        return None
+    growth = peak / early
+    sustained = late / early
+    if not (growth > EXPLODE_GROWTH and (sustained > EXPLODE_SUSTAIN or went_bad)):
+        return None
+    # the layers whose norm grew most
+    view = ctx.view
+    grew = []
+    for j, layer in enumerate(view.layers):
+        col = [view.norms[i][j] for i in idx]
+        e = _median(col[:k])
+        if e > 0 and max(col) / e > EXPLODE_SUSTAIN:
+            grew.append(layer)
+    named = [layer for layer in grew if layer in view.weight_layers] or grew
+    ev = {
+        "axis": "steps",
+        "ratio": _sig(growth),
+        "growth": _sig(growth),
+        "sustained": _sig(sustained),
+        "early_norm": _sig(early),
+        "peak_norm": _sig(peak),
+        "rows": ctx.n,
+        "n_layers": len(named),
+        "went_nonfinite": went_bad,
+    }
+    causes = ["high_learning_rate", "numerical_overflow"] if ctx.trained else ["large_init"]
+    return Finding("exploding_gradients", Severity.ERROR, view.in_module_order(named), causes,
+                   ["gradient_clipping", "lower_learning_rate", "lr_schedule",
+                    "adaptive_optimizer"], ev)
+
+
+def detect_loss_spike(ctx: _Ctx) -> Finding | None:
+    loss = ctx.hist.loss
+    gn = ctx.hist.global_norm
+    n = ctx.n
+    if n < MIN_ROWS or ctx.first_bad_row is not None:
+        return None  # a run that went non-finite diverged; that is not a transient spike
+    trend = _loss_trend(ctx)
+    if trend is not None and trend.first > 0 and trend.last > 2 * trend.first:
+        return None  # the loss ends far above where it started: divergence, not a spike
+    spikes: list[tuple[int, float, float, str]] = []  # (row, z, ratio, series)
+    for series_name, series, min_ratio in (("loss", loss, SPIKE_RATIO),
+                                           ("grad_norm", gn, SPIKE_NORM_RATIO)):
+        for i in range(5, n):
+            v = series[i]
+            if not math.isfinite(v):
+                continue
+            win = [x for x in series[max(0, i - SPIKE_WINDOW):i] if math.isfinite(x)]
+            if len(win) < 5:
+                continue
+            med = statistics.median(win)
+            mad = statistics.median(abs(x - med) for x in win) * 1.4826
+            scale = max(mad, 1e-3 * abs(med), 1e-12)
+            z = (v - med) / scale
+            ratio = v / med if med > 0 else math.inf
+            if z > SPIKE_Z and ratio > min_ratio:
+                # a spike comes back down; a level that stays up is divergence, not a spike
+                after = [x for x in series[i + 1:i + 6] if math.isfinite(x)]
+                if i + 1 < n and (not after or _median(after) > med + 0.5 * (v - med)):
+                    continue
+                spikes.append((i, z, ratio, series_name))
+    if not spikes:
+        return None
+    rows = sorted({s[0] for s in spikes})
+    if len(rows) > max(2, n // 5):
+        return None  # spikes everywhere: an unstable run (learning rate), not sudden spikes
+    worst = max(spikes, key=lambda s: s[2])
+    view = ctx.view
+    r = worst[0]
+    jumps = []
+    for j, layer in enumerate(view.layers):
+        col = view.norms
+        prev = _median([col[i][j] for i in range(max(0, r - SPIKE_WINDOW), r)])
+        cur = col[r][j]
+        if prev > 0 and math.isfinite(cur):
+            jumps.append((cur / prev, layer))
+    top = max((j for j, _ in jumps), default=math.nan)
+    named = [layer for j, layer in jumps if j >= 0.5 * top and j > 2] if jumps else []
+    causes = ["outlier_batch", "high_learning_rate"] if len(rows) <= 2 else [
+        "high_learning_rate", "outlier_batch"]
+    ev = {
+        "steps": [ctx.hist.step[i] for i in rows],
+        "count": len(rows),
+        "first_step": ctx.hist.step[rows[0]],
+        "z": _sig(worst[1]),
+        "ratio": _sig(worst[2]),
+        "series": worst[3],
+        "layer_jump": _sig(top),
+        "n_layers": len(named),
+    }
+    return Finding("loss_spike", Severity.WARNING, view.in_module_order(named), causes,
+                   ["gradient_clipping", "spike_skipping", "lr_schedule", "lower_learning_rate"],
+                   ev)
