@@ -61,8 +61,9 @@ def codes(h: History, probes: ProbeSummary | None = None) -> list[str]:
 
 
 def test_every_finding_code_has_a_detector() -> None:
-    assert set(DETECTORS) == set(CODES)
-    assert len(CODES) == 10
+    # the loss-scale finding is read after the others: it names what caused them
+    assert set(DETECTORS) | {"loss_scale"} == set(CODES)
+    assert len(CODES) == 12
 
 
 @settings(max_examples=60, deadline=None)

@@ -92,9 +92,15 @@ class Trial(_FlatFields):
         findings: codes of the findings that remain after the remedy.
         resolved: codes of the baseline findings this remedy made disappear.
         introduced: codes of findings that appeared with the remedy and not before.
-        improved: whether gradient flow or the loss measurably improved on the baseline.
+        improved: whether the remedy helped (``verdict == "helps"``).
         score: the ranking key (higher is better); trials are sorted by it.
         loss_curve: the loss at each step of the trial run.
+        verdict: ``"helps"`` (the loss ended at least 10 % and two standard errors below the
+            untreated run's), ``"worse"`` (the same the other way, or it diverged), ``"no_gain"``;
+            ``""`` when not applied.
+        relative_loss: the trial's loss over the untreated run's, on the last quarter of the
+            same steps (NaN when not comparable).
+        factor: the learning-rate factor chosen by a learning-rate search (NaN otherwise).
     """
 
     remedy: str
@@ -110,6 +116,9 @@ class Trial(_FlatFields):
     improved: bool = False
     score: float = -math.inf
     loss_curve: list[float] = field(default_factory=list)
+    verdict: str = ""
+    relative_loss: float = math.nan
+    factor: float = math.nan
 
 
 @dataclass
@@ -234,6 +243,12 @@ class Report:
     def codes(self) -> list[str]:
         """The finding codes, in report order."""
         return [f.code for f in self.findings]
+
+    @property
+    def prescription(self) -> Trial | None:
+        """The remedy trial that helped most, whichever finding proposed it (None when no trial
+        helped)."""
+        return next((t for t in self.trials if t.applied and t.verdict == "helps"), None)
 
     def finding(self, code: str) -> Finding | None:
         """The first finding with ``code``, or None."""

@@ -16,6 +16,14 @@ here to change", and the doctor then reports the remedy as not applicable).
   the activation module that follows it inside an ``nn.Sequential``.
 * :func:`swap_recurrent_` — replace ``nn.RNN`` by an ``nn.GRU`` of the same sizes (same call
   signature and outputs, so the surrounding code keeps working).
+* :func:`insert_layer_norm_`, :func:`pre_ln_` — normalisation that fits sequences and
+  transformers (LayerNorm; torch's Post-LN transformer layers switched to Pre-LN).
+* :func:`forget_gate_bias_` — an LSTM's forget gate opened at the start (bias +1).
+* :func:`fp32_output_` — logits and loss in float32 for a half-precision model.
+* :func:`standardize_` — inputs (and large regression targets) standardised, through hooks.
+
+:func:`fit_remedies` fits a finding's remedy list to the model and the recipe: normalisation that
+suits the architecture, nothing the user already does, numerics remedies where they apply.
 
 :data:`TREATMENTS` maps each remedy code to a :class:`Treatment`: the model change (if any) plus
 the training-loop changes (clipping, skipping, warm-up, learning-rate factor, optimizer swap) the
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,8 +43,13 @@ from torch import nn
 __all__ = [
     "TREATMENTS",
     "Treatment",
+    "forget_gate_bias_",
+    "fp32_output_",
     "insert_batch_norm_",
+    "insert_layer_norm_",
+    "pre_ln_",
     "reinit_",
+    "standardize_",
     "swap_activations_",
     "swap_recurrent_",
 ]
@@ -258,6 +271,146 @@ def swap_recurrent_(model: nn.Module) -> list[str]:
     return [n for n, _ in targets]
 
 
+def insert_layer_norm_(model: nn.Module) -> list[str]:
+    """Normalise with LayerNorm where batch statistics do not fit (sequences, transformers):
+    after each linear layer followed by an activation module inside an ``nn.Sequential``, and on
+    the output sequence of each recurrent module (a forward hook on a LayerNorm it owns).
+
+    Returns:
+        list[str]: qualified names of the layers that got a normalisation after them.
+    """
+    from gradguard.doctor.probes import _module_op
+
+    changed = []
+    for pname, seq in list(model.named_modules()):
+        if isinstance(seq, nn.RNNBase):
+            p = next(seq.parameters())
+            width = seq.hidden_size * (2 if seq.bidirectional else 1)
+            seq.add_module("out_norm", nn.LayerNorm(width).to(device=p.device, dtype=p.dtype))
+            seq.register_forward_hook(_normalise_rnn_output)
+            changed.append(pname)
+            continue
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        new: list[nn.Module] = []
+        for i, (cname, child) in enumerate(children):
+            new.append(child)
+            nxt = children[i + 1][1] if i + 1 < len(children) else None
+            if isinstance(child, nn.Linear) and nxt is not None and _module_op(nxt) is not None:
+                p = child.weight
+                new.append(nn.LayerNorm(child.out_features).to(device=p.device, dtype=p.dtype))
+                changed.append(f"{pname}.{cname}" if pname else cname)
+        if len(new) != len(children):
+            for key in list(seq._modules):
+                del seq._modules[key]
+            for k, m in enumerate(new):
+                seq.add_module(str(k), m)
+    return changed
+
+
+def _normalise_rnn_output(mod: nn.Module, args: Any, out: Any) -> Any:
+    y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+    if not isinstance(y, torch.Tensor):
+        return out  # a PackedSequence: left as it is
+    y = mod.out_norm(y)
+    return (y, *rest) if isinstance(out, tuple) else y
+
+
+def pre_ln_(model: nn.Module) -> list[str]:
+    """Move the LayerNorms of torch's Post-LN transformer layers in front of their sublayers
+    (``norm_first=True``: Xiong et al. 2020). Custom blocks are code, and stay as they are.
+
+    Returns:
+        list[str]: qualified names of the layers switched to Pre-LN.
+    """
+    changed = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and \
+                not mod.norm_first:
+            mod.norm_first = True
+            changed.append(name)
+    return changed
+
+
+def forget_gate_bias_(model: nn.Module) -> list[str]:
+    """Open every LSTM's forget gate at the start: its bias at +1 (``bias_ih`` 1, ``bias_hh`` 0;
+    Gers et al. 2000, Jozefowicz et al. 2015), every layer and direction.
+
+    Returns:
+        list[str]: qualified names of the LSTMs changed.
+    """
+    changed = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.LSTM) and mod.bias:
+                h = mod.hidden_size
+                for pname, p in mod.named_parameters(recurse=False):
+                    if pname.startswith("bias_ih"):
+                        p[h:2 * h].fill_(1.0)
+                    elif pname.startswith("bias_hh"):
+                        p[h:2 * h].zero_()
+                changed.append(name)
+    return changed
+
+
+def fp32_output_(model: nn.Module, output_layer: str | None = None) -> list[str]:
+    """Compute the logits (and so the loss) in float32 in a half-precision model: the output layer
+    is moved to float32 (its input is cast up) and the model's output is returned as float32.
+
+    Args:
+        model: the model (the doctor passes a copy).
+        output_layer: the qualified name of the layer that produces the output (the doctor
+            traces it); default: the last ``nn.Linear`` in module order.
+
+    Returns:
+        list[str]: the layers moved to float32; empty when the model has no half-precision
+        parameter (nothing to do).
+    """
+    half = (torch.float16, torch.bfloat16)
+    if not any(p.dtype in half for p in model.parameters()):
+        return []
+    name = output_layer
+    if name is None:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        name = linears[-1] if linears else None
+    changed = []
+    if name is not None:
+        layer = model.get_submodule(name)
+        layer.float()
+        layer.register_forward_pre_hook(lambda m, args: tuple(
+            a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args))
+        changed.append(name)
+    model.register_forward_hook(lambda m, args, out: out.float()
+                                if isinstance(out, torch.Tensor) and out.dtype in half else out)
+    return changed or [""]
+
+
+def standardize_(model: nn.Module, x_mean: torch.Tensor, x_std: torch.Tensor,
+                 y_mean: torch.Tensor | None = None, y_std: torch.Tensor | None = None
+                 ) -> list[str]:
+    """Standardise the model's input per feature, and (for regression targets of a large scale)
+    train the model on standardised targets: its output is mapped back to the targets' units, so
+    the loss stays the one you measure. Done with hooks on the root module.
+
+    Returns:
+        list[str]: ``["inputs"]``, plus ``"targets"`` when they are rescaled.
+    """
+    def pre(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = (x - x_mean.to(x)) / x_std.to(x)
+        return (x, *args[1:])
+
+    model.register_forward_pre_hook(pre)
+    changed = ["inputs"]
+    if y_mean is not None and y_std is not None:
+        model.register_forward_hook(lambda m, args, out: out * y_std.to(out) + y_mean.to(out))
+        changed.append("targets")
+    return changed
+
+
 @dataclass(frozen=True)
 class Treatment:
     """How the doctor tries one remedy code on a copy of the model.
@@ -275,6 +428,9 @@ class Treatment:
             rate further so that it would be about ``LR_TARGET_RATIO`` (``lr_factor`` at most).
         adam: replace the optimizer by Adam (lr 1e-3).
         manual: the remedy needs a code change the doctor cannot make (it is advised, not tried).
+        mean_loss: divide the loss by the number of elements it sums over before the backward
+            pass (what ``reduction="mean"`` does); the loss is still reported as the user's.
+        lr_search: learning-rate factors to try, in order (the best by loss is kept and reported).
     """
 
     code: str
@@ -287,12 +443,13 @@ class Treatment:
     lr_from_evidence: bool = False
     adam: bool = False
     manual: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    mean_loss: bool = False
+    lr_search: tuple[float, ...] = ()
 
     @property
     def needs_optimizer(self) -> bool:
         """Whether the remedy only acts through training (clipping, LR, optimizer)."""
-        return self.model_fn is None and not self.manual
+        return self.model_fn is None and not self.manual and not self.mean_loss
 
 
 def _relu_family(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
@@ -329,6 +486,29 @@ def _gated(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
     return swap_recurrent_(model)
 
 
+def _layer_norm(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return insert_layer_norm_(model)
+
+
+def _pre_ln(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return pre_ln_(model)
+
+
+def _forget_bias(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return forget_gate_bias_(model)
+
+
+def _fp32(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    return fp32_output_(model, ctx.get("output_layer"))
+
+
+def _standardize(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
+    stats = ctx.get("data_stats")
+    if not stats:
+        return []
+    return standardize_(model, *stats)
+
+
 #: remedy code -> how to try it. Codes marked ``manual`` are advised, never tried automatically.
 TREATMENTS: dict[str, Treatment] = {
     t.code: t
@@ -344,11 +524,136 @@ TREATMENTS: dict[str, Treatment] = {
         Treatment("skip_nonfinite_steps", skip_nonfinite=True),
         Treatment("spike_skipping", skip_spikes=True),
         Treatment("lr_schedule", warmup=True),
-        Treatment("lower_learning_rate", lr_factor=0.1, lr_from_evidence=True),
-        Treatment("raise_learning_rate", lr_factor=10.0),
+        Treatment("lower_learning_rate", lr_factor=0.1, lr_from_evidence=True,
+                  lr_search=(1 / 3, 1 / 10, 1 / 30, 1 / 100)),
+        Treatment("raise_learning_rate", lr_factor=10.0, lr_search=(3.0, 10.0)),
+        Treatment("layer_norm", _layer_norm),
+        Treatment("pre_ln", _pre_ln),
+        Treatment("forget_gate_bias", _forget_bias),
+        Treatment("fp32_logits", _fp32),
+        Treatment("standardize_data", _standardize),
+        Treatment("mean_reduction", mean_loss=True),
         Treatment("adaptive_optimizer", adam=True),
         Treatment("residual_connections", manual=True),
         Treatment("stable_loss", manual=True),
         Treatment("weight_decay", manual=True),
     )
 }
+
+
+# -- fitting remedies to the model and the recipe --------------------------------------------------
+#: optimizers that already adapt the step per parameter: "use an adaptive optimizer" is not advice
+ADAPTIVE_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad", "Adadelta",
+                                 "RMSprop", "SparseAdam", "Adafactor", "Muon"})
+_TRANSFORMER_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                      nn.TransformerDecoderLayer)
+#: findings an unstable scale (half precision, unscaled data, a summed loss) can cause
+_INSTABILITY = ("nonfinite_loss", "nonfinite_gradients", "exploding_gradients",
+                "learning_rate_too_high", "loss_divergence", "loss_spike")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the doctor knows about the model and the recipe when it fits the remedies.
+
+    Attributes:
+        kind: ``"transformer"``, ``"recurrent"``, ``"cnn"`` or ``"mlp"``.
+        batch_norm: the model has batch normalisation.
+        layer_norm: the model has LayerNorm/RMSNorm/GroupNorm.
+        post_ln: torch transformer layers with ``norm_first=False``.
+        half: some parameters are float16/bfloat16.
+        lstm: the model has an ``nn.LSTM``.
+        adaptive: the optimizer is already adaptive (Adam & co.).
+        clips: the recipe already clips the gradient norm.
+        warms_up: the recipe's scheduler already warms the learning rate up.
+        unscaled_data: the inputs (or regression targets) are far from unit scale.
+    """
+
+    kind: str = "mlp"
+    batch_norm: bool = False
+    layer_norm: bool = False
+    post_ln: bool = False
+    half: bool = False
+    lstm: bool = False
+    adaptive: bool = False
+    clips: bool = False
+    warms_up: bool = False
+    unscaled_data: bool = False
+
+    @property
+    def norm_remedy(self) -> str | None:
+        """The normalisation that fits this architecture, or None when it already has it."""
+        if self.kind == "transformer":
+            return "pre_ln" if self.post_ln else (None if self.layer_norm else "layer_norm")
+        if self.kind == "recurrent":
+            return None if self.layer_norm else "layer_norm"
+        return None if (self.batch_norm or self.layer_norm) else "batch_norm"
+
+
+def model_facts(model: nn.Module, optimizer: Any = None, *, clip: float | None = None,
+                lrs: list[float] | None = None, unscaled_data: bool = False) -> ModelFacts:
+    """Read :class:`ModelFacts` off a model, its optimizer and the learning rates of a run."""
+    mods = list(model.modules())
+    if any(isinstance(m, _TRANSFORMER_TYPES) for m in mods):
+        kind = "transformer"
+    elif any(isinstance(m, nn.RNNBase) for m in mods):
+        kind = "recurrent"
+    elif any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in mods):
+        kind = "cnn"
+    else:
+        kind = "mlp"
+    names = [type(m).__name__ for m in mods]
+    warms = False
+    if lrs:
+        finite = [v for v in lrs if math.isfinite(v)]
+        head = finite[: max(2, len(finite) // 2)]
+        warms = bool(head) and head[0] < 0.5 * max(head)
+    return ModelFacts(
+        kind=kind,
+        batch_norm=any(n.startswith("BatchNorm") or n == "SyncBatchNorm" for n in names),
+        layer_norm=any(n in ("LayerNorm", "RMSNorm", "GroupNorm") for n in names),
+        post_ln=any(isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                    and not m.norm_first for m in mods),
+        half=any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()),
+        lstm=any(isinstance(m, nn.LSTM) for m in mods),
+        adaptive=optimizer is not None and type(optimizer).__name__ in ADAPTIVE_OPTIMIZERS,
+        clips=clip is not None,
+        warms_up=warms,
+        unscaled_data=unscaled_data,
+    )
+
+
+def fit_remedies(findings: list[Any], facts: ModelFacts) -> None:
+    """Fit each finding's remedies (and causes) to the model and the recipe, in place.
+
+    Normalisation that suits the architecture replaces ``batch_norm`` (LayerNorm or Pre-LN for
+    transformers and recurrent nets; none where the model already normalises); nothing the
+    recipe already does is offered (an adaptive optimizer to an Adam user, clipping to a run that
+    clips, warm-up to a schedule that warms up); under half precision, computing the logits in
+    float32 comes first for overflow; standardising the data comes first when it is unscaled.
+    """
+    norm = facts.norm_remedy
+    for f in findings:
+        rs: list[str] = []
+        for r in f.remedies:
+            if r == "batch_norm":
+                r = norm or ""
+            if (not r or (r == "adaptive_optimizer" and facts.adaptive)
+                    or (r == "gradient_clipping" and facts.clips)
+                    or (r == "lr_schedule" and facts.warms_up)
+                    or (r in ("relu_family", "leaky_relu") and facts.kind == "transformer")):
+                continue
+            rs.append(r)
+        causes = list(f.causes)
+        if f.code in _INSTABILITY and facts.half:
+            rs.insert(0, "fp32_logits")
+            causes.insert(0, "half_precision")
+        if f.code in _INSTABILITY + ("vanishing_gradients", "saturated_activations",
+                                    "dead_units") and facts.unscaled_data:
+            rs.insert(0, "standardize_data")
+            causes.insert(0, "unscaled_data")
+        if facts.adaptive and "lower_learning_rate" in rs and "lr_schedule" not in rs \
+                and not facts.warms_up and f.code in _INSTABILITY:
+            rs.append("lr_schedule")  # the Adam user's sibling of "switch optimizer": warm up
+        f.remedies = list(dict.fromkeys(rs))
+        f.causes = list(dict.fromkeys(causes))

@@ -25,11 +25,15 @@ from gradguard.doctor.detectors.activations import (
     detect_activation_scale_drift, detect_dead_units, detect_saturated_activations,
 )
 from gradguard.doctor.detectors.depth import _exploding_depth, _vanishing_depth
-from gradguard.doctor.detectors.numerics import detect_nonfinite_gradients, detect_nonfinite_loss
+from gradguard.doctor.detectors.numerics import (
+    detect_nonfinite_gradients, detect_nonfinite_loss, loss_scale_finding,
+)
 from gradguard.doctor.detectors.optimisation import (
     detect_learning_rate_too_high, detect_training_stalled,
 )
-from gradguard.doctor.detectors.steps import _exploding_over_steps, detect_loss_spike
+from gradguard.doctor.detectors.steps import (
+    _exploding_over_steps, detect_loss_divergence, detect_loss_spike,
+)
 from gradguard.doctor.detectors.time import _exploding_time_rnn, _vanishing_time
 from gradguard.doctor.probes import ProbeSummary
 from gradguard.findings import Finding
@@ -55,6 +59,7 @@ DETECTORS: dict[str, Callable[[_Ctx], Finding | None]] = {
     "dead_units": detect_dead_units,
     "activation_scale_drift": detect_activation_scale_drift,
     "learning_rate_too_high": detect_learning_rate_too_high,
+    "loss_divergence": detect_loss_divergence,
     "loss_spike": detect_loss_spike,
     "training_stalled": detect_training_stalled,
 }
@@ -106,6 +111,12 @@ def run_detectors(history: History, probes: ProbeSummary | None = None) -> list[
         f = det(ctx)
         if f is not None:
             findings.append(f)
+    codes = {f.code for f in findings}
+    if "learning_rate_too_high" in codes:  # the same climb, already explained with its cause
+        findings = [f for f in findings if f.code != "loss_divergence"]
+    summed = loss_scale_finding(ctx, findings)
+    if summed is not None:
+        findings.append(summed)
     order = {c: k for k, c in enumerate(CODES)}
     findings.sort(key=lambda f: (-f.severity.rank, order.get(f.code, 99)))
     return findings

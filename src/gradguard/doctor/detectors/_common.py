@@ -107,9 +107,19 @@ SPIKE_WINDOW = 10
 
 #: time-based detectors need this many recorded steps.
 MIN_ROWS = 8
+#: loss divergence: the loss's level rose this many times above where it was, and stayed.
+DIVERGE_FACTOR = 2.0
+#: a loss summed over the batch: a whole batch's loss over half a batch's, within this range.
+SUM_RATIO = (1.6, 2.6)
+#: exploding at the starting weights: the output of the weight layers grows this much (RMS)
+#: from the first to the last, along a rising trend (a forward blow-up; scale-free in the loss).
+FORWARD_GROWTH = 30.0
+#: an LSTM's forget gate counts as closed when its mean bias is below this (sigmoid(-1) = 0.27).
+CLOSED_GATE_BIAS = -1.0
 
 
 CODES = (
+    "loss_scale",
     "nonfinite_loss",
     "nonfinite_gradients",
     "exploding_gradients",
@@ -118,6 +128,7 @@ CODES = (
     "dead_units",
     "activation_scale_drift",
     "learning_rate_too_high",
+    "loss_divergence",
     "loss_spike",
     "training_stalled",
 )
@@ -127,7 +138,8 @@ CODES = (
 CAUSES = (
     "saturating_activation", "depth", "small_init", "large_init", "high_learning_rate",
     "low_learning_rate", "recurrence", "missing_normalization", "numerical_overflow",
-    "dying_relu", "bad_bias_init", "outlier_batch",
+    "dying_relu", "bad_bias_init", "outlier_batch", "half_precision", "unscaled_data",
+    "summed_loss", "closed_forget_gate",
 )
 
 
@@ -136,7 +148,8 @@ REMEDIES = (
     "relu_family", "he_init", "xavier_init", "orthogonal_init", "batch_norm",
     "residual_connections", "gradient_clipping", "lower_learning_rate", "raise_learning_rate",
     "lr_schedule", "adaptive_optimizer", "gated_recurrence", "weight_decay",
-    "skip_nonfinite_steps", "spike_skipping", "leaky_relu", "stable_loss",
+    "skip_nonfinite_steps", "spike_skipping", "leaky_relu", "stable_loss", "layer_norm", "pre_ln",
+    "forget_gate_bias", "fp32_logits", "standardize_data", "mean_reduction",
 )
 
 
@@ -145,6 +158,12 @@ _NORM_TOKEN = re.compile(r"(^|[._])(bn|ln|gn|norm|batchnorm|layernorm|groupnorm|
 
 
 _NORM_TYPES = re.compile(r"Norm", re.IGNORECASE)
+#: layers judged by rules of their own: only the batch's rows of an embedding get a gradient, so
+#: its norm says nothing about depth (and a tied embedding/head sums two roles' gradients)
+_EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
+_EMBEDDING_NAME = re.compile(r"(^|[._])(emb|embed|embeds|embedding|embeddings|wte|wpe|"
+                             r"tok_embeddings|word_embeddings|position_embeddings|encoder)$",
+                             re.IGNORECASE)
 
 
 def _layer_of(name: str) -> str:
@@ -237,11 +256,14 @@ def layer_view(history: History, probes: ProbeSummary | None = None) -> LayerVie
             infos = [info[n] for n in names]
             layer_type[layer] = infos[0].module_type
             weight_norm[layer] = math.sqrt(sum(p.norm ** 2 for p in infos))
-            is_weight = any(len(p.shape) >= 2 for p in infos) and not _NORM_TYPES.search(
-                infos[0].module_type)
+            is_weight = (any(len(p.shape) >= 2 for p in infos)
+                         and not _NORM_TYPES.search(infos[0].module_type)
+                         and infos[0].module_type not in _EMBEDDING_TYPES
+                         and not any(p.shared_with for p in infos))
         else:
-            is_weight = any(not _is_bias(n) for n in names) and not _NORM_TOKEN.search(
-                _leaf(layer) if layer else "")
+            leaf = _leaf(layer) if layer else ""
+            is_weight = (any(not _is_bias(n) for n in names) and not _NORM_TOKEN.search(leaf)
+                         and not _EMBEDDING_NAME.search(leaf))
         if is_weight:
             weight_layers.append(layer)
     matrix_idx = {i for i, name in enumerate(history.names)

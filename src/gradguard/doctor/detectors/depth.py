@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gradguard.doctor.detectors._common import (
-    DEAD_FRAC, DRIFT_DECADES, EXPLODE_RATIO, EXPLODE_REL, NAME_RATIO, VANISH_ERROR, VANISH_RATIO,
+    DEAD_FRAC, DRIFT_DECADES, EXPLODE_RATIO, FORWARD_GROWTH, NAME_RATIO, VANISH_ERROR, VANISH_RATIO,
     _Ctx, _dedupe, _early_rows, _profile, _rel_grad, _sig, _theil_sen,
 )
 from gradguard.doctor.detectors.steps import _exploding_over_steps
@@ -110,7 +110,8 @@ def _exploding_depth(ctx: _Ctx) -> Finding | None:
             if ratio > EXPLODE_RATIO and slope < 0:
                 by_depth = True
                 named = [layer for layer, v in zip(layers, prof) if v > low / NAME_RATIO]
-    by_rel = math.isfinite(rel) and rel > EXPLODE_REL
+    fwd = _forward_growth(ctx)
+    by_rel = math.isfinite(fwd) and fwd > FORWARD_GROWTH
     if not (by_depth or by_rel):
         return None
     if not named:
@@ -133,9 +134,28 @@ def _exploding_depth(ctx: _Ctx) -> Finding | None:
         "ratio": _sig(ratio),
         "growth_per_layer": _sig(growth),
         "rel_grad": _sig(rel),
+        "forward_growth": _sig(fwd),
         "depth": len(layers),
         "n_layers": len(named),
         "layer_norms": [_sig(v) for v in prof],
     }
     return Finding("exploding_gradients", Severity.ERROR, ctx.view.in_module_order(named), causes,
                    [ctx.init_remedy(), "batch_norm", "gradient_clipping"], ev)
+
+
+def _forward_growth(ctx: _Ctx) -> float:
+    """RMS of the last weight layer's output over the first's at the starting weights, when the
+    outputs rise along the way (Theil-Sen slope > 0); NaN without a forward probe. Multiplying
+    the loss leaves it unchanged, unlike a gradient/weight ratio."""
+    src = ctx.initial()
+    if src is None:
+        return math.nan
+    wl = set(ctx.view.weight_layers)
+    sites = [s for s in sorted(src.sites, key=lambda s: s.order) if s.kind == "layer"
+             and s.module in wl and math.isfinite(s.rms) and s.rms > 0]
+    if len(sites) < 3:
+        return math.nan
+    logs = [math.log10(s.rms) for s in sites]
+    if _theil_sen(logs) <= 0:
+        return math.nan
+    return sites[-1].rms / sites[0].rms

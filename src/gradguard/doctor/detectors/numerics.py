@@ -1,11 +1,11 @@
-"""Numerics: a non-finite loss or non-finite gradients."""
+"""Numerics: a non-finite loss, non-finite gradients, a loss summed over the batch."""
 
 from __future__ import annotations
 
 import math
 
 from gradguard.doctor.detectors._common import (
-    EXPLODE_SUSTAIN, _Ctx, _growth_before, _loss_recorded, _sig,
+    EXPLODE_SUSTAIN, SUM_RATIO, _Ctx, _growth_before, _loss_recorded, _sig,
 )
 from gradguard.findings import Finding, Severity
 
@@ -79,3 +79,26 @@ def detect_nonfinite_gradients(ctx: _Ctx) -> Finding | None:
     }
     return Finding("nonfinite_gradients", Severity.ERROR, view.in_module_order(carried), causes,
                    ["skip_nonfinite_steps", "gradient_clipping", "lower_learning_rate"], ev)
+
+
+#: findings that a summed loss can cause (its gradient grows with the batch)
+_UNSTABLE = ("nonfinite_loss", "nonfinite_gradients", "exploding_gradients",
+             "learning_rate_too_high", "loss_divergence")
+
+
+def loss_scale_finding(ctx: _Ctx, others: list[Finding]) -> Finding | None:
+    """The loss is summed over the batch (a whole batch gives about twice the loss of half of
+    it) *and* the run is unstable: a finding of its own, ahead of what it caused. A healthy run
+    with a summed loss (and a learning rate tuned to it) gets nothing."""
+    r = ctx.probes.loss_batch_ratio if ctx.probes is not None else math.nan
+    if not (math.isfinite(r) and SUM_RATIO[0] <= r <= SUM_RATIO[1]):
+        return None
+    caused = [f for f in others if f.code in _UNSTABLE]
+    if not caused:
+        return None
+    for f in caused:
+        f.causes = ["summed_loss", *[c for c in f.causes if c != "summed_loss"]]
+        f.remedies = ["mean_reduction", *[m for m in f.remedies if m != "mean_reduction"]]
+    ev = {"batch_ratio": _sig(r), "caused": ", ".join(f.code for f in caused)}
+    return Finding("loss_scale", Severity.ERROR, [], ["summed_loss"],
+                   ["mean_reduction", "lower_learning_rate"], ev)

@@ -6,7 +6,7 @@ import math
 
 from gradguard.doctor.detectors._common import (
     LR_UPDATE_RATIO, MIN_ROWS, STALL_LOSS_CHANGE, STALL_UPDATE, _Ctx, _dedupe, _loss_trend,
-    _median, _sig,
+    _median, _sig, _theil_sen, _Trend,
 )
 from gradguard.doctor.detectors.depth import _vanishing_depth
 from gradguard.doctor.detectors.time import _vanishing_time
@@ -28,9 +28,9 @@ def detect_learning_rate_too_high(ctx: _Ctx) -> Finding | None:
     trend = _loss_trend(ctx)
     if not med > LR_UPDATE_RATIO:
         return None
-    # large updates that buy nothing: the loss ends no lower than where it started
-    rising = trend is not None and trend.last > 0.9 * min(trend.first, trend.start)
-    if not (rising or went_bad):
+    # large updates that buy nothing: the loss rose, or swings without getting anywhere. A flat
+    # start that is learning by the end (a plateau, then progress) is a slow start, not this.
+    if not (went_bad or (trend is not None and _lr_symptom(ctx, trend, med))):
         return None
     layer_med = {layer: _median([row[j] for row in rows])
                  for j, layer in enumerate(view.layers)}
@@ -86,3 +86,22 @@ def detect_training_stalled(ctx: _Ctx) -> Finding | None:
     }
     return Finding("training_stalled", Severity.WARNING, view.in_module_order(named),
                    _dedupe(causes), _dedupe(remedies), ev)
+
+
+def _lr_symptom(ctx: _Ctx, trend: _Trend, update: float) -> bool:
+    """Large updates that buy nothing: the loss ends no lower than 0.9x where it started, *and*
+    the updates are enormous (10x the threshold), or the loss blew up on the way (above twice its
+    start), or rose beyond batch noise or oscillates hard without falling at the end. A plateau
+    that is learning by the end is a slow start."""
+    loss = [v for v in ctx.hist.loss if math.isfinite(v)]
+    ref = min(trend.first, trend.start)
+    stuck = trend.last > 0.9 * ref
+    went_up = trend.start > 0 and max(loss) > 2 * trend.start
+    rose = trend.last > ref + 2 * trend.noise
+    d = [abs(b - a) for a, b in zip(loss, loss[1:])]
+    swing = _median(d) / abs(trend.first) if trend.first else 0.0
+    oscillating = trend.flips >= 0.6 and swing > 0.05
+    half = loss[len(loss) // 2:]
+    falling = _theil_sen(half) * len(half) < -max(2 * trend.noise, 0.05 * abs(trend.first))
+    huge = update > 10 * LR_UPDATE_RATIO
+    return stuck and (huge or went_up or ((rose or oscillating) and not falling))

@@ -1,4 +1,4 @@
-"""The run over steps: gradient norms that explode, loss spikes."""
+"""The run over steps: gradient norms that explode, a loss that climbs and stays up, loss spikes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 import statistics
 
 from gradguard.doctor.detectors._common import (
-    EXPLODE_GROWTH, EXPLODE_SUSTAIN, MIN_ROWS, SPIKE_NORM_RATIO, SPIKE_RATIO, SPIKE_WINDOW,
+    DIVERGE_FACTOR, EXPLODE_GROWTH, EXPLODE_SUSTAIN, MIN_ROWS, SPIKE_NORM_RATIO, SPIKE_RATIO, SPIKE_WINDOW,
     SPIKE_Z, _Ctx, _loss_trend, _median, _sig,
 )
+from gradguard._series import level_shifts
 from gradguard.findings import Finding, Severity
 
 
@@ -116,3 +117,47 @@ def detect_loss_spike(ctx: _Ctx) -> Finding | None:
     return Finding("loss_spike", Severity.WARNING, view.in_module_order(named), causes,
                    ["gradient_clipping", "spike_skipping", "lr_schedule", "lower_learning_rate"],
                    ev)
+
+
+def detect_loss_divergence(ctx: _Ctx) -> Finding | None:
+    """The loss climbed far above where it started and stayed there (a level shift of the
+    shared :func:`gradguard._series.level_shifts`), or ended far above its start. A run that went
+    non-finite is left to the non-finite detectors."""
+    loss = ctx.hist.loss
+    if ctx.n < MIN_ROWS or ctx.first_bad_row is not None:
+        return None
+    finite = [v for v in loss if math.isfinite(v)]
+    if len(finite) < MIN_ROWS:
+        return None
+    window = max(3, min(5, len(finite) // 6))
+    shifts = [s for s in level_shifts(loss, min_factor=DIVERGE_FACTOR, window=window)
+              if math.isfinite(s.factor)]
+    trend = _loss_trend(ctx)
+    ended_high = (trend is not None and trend.start > 0
+                  and trend.last > DIVERGE_FACTOR * trend.start)
+    open_shift = next((s for s in shifts if s.end is None), None)
+    if open_shift is None and not ended_high and not shifts:
+        return None
+    shift = open_shift or (shifts[0] if shifts else None)
+    if shift is not None:
+        before, after, factor, first = shift.before, shift.after, shift.factor, shift.start
+        recovered = shift.end is not None and not ended_high
+        length = (shift.end - shift.start) if shift.end is not None else ctx.n - shift.start
+    else:  # a slow climb the running median never doubled within a window
+        before, after = trend.start, trend.last  # type: ignore[union-attr]
+        factor, first, recovered, length = after / before, 0, False, ctx.n
+    ev = {
+        "before": _sig(before),
+        "after": _sig(after),
+        "factor": _sig(factor),
+        "first_step": ctx.hist.step[first],
+        "recovered": recovered,
+        "length": length,
+        "rows": ctx.n,
+        "update_ratio": _sig(_median([_median([u for u in row if math.isfinite(u)])
+                                      for row in ctx.view.update])),
+    }
+    causes = ["high_learning_rate", "numerical_overflow"]
+    remedies = ["lower_learning_rate", "gradient_clipping", "lr_schedule"]
+    sev = Severity.WARNING if recovered else Severity.ERROR
+    return Finding("loss_divergence", sev, [], causes, remedies, ev)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from gradguard.doctor.detectors._common import (
-    TIME_EXPLODE, TIME_MIN_STEPS, TIME_VANISH, VANISH_ERROR, _Ctx, _sig,
+    CLOSED_GATE_BIAS, TIME_EXPLODE, TIME_MIN_STEPS, TIME_VANISH, VANISH_ERROR, _Ctx, _sig,
 )
 from gradguard.doctor.detectors.steps import _exploding_over_steps
 from gradguard.findings import Finding, Severity
@@ -17,8 +17,11 @@ def _vanishing_time(ctx: _Ctx) -> Finding | None:
     for t in ctx.temporal():
         g = t.grad_norm
         # Gated cells (LSTM, GRU) decay at init too and learn to keep memory: only a plain RNN
-        # is judged here.
-        if t.op != "RNN" or len(g) < TIME_MIN_STEPS or not all(math.isfinite(v) for v in g):
+        # is judged here, and an LSTM whose forget gate starts closed (it cannot learn to keep).
+        closed = t.op == "LSTM" and math.isfinite(t.forget_bias) and \
+            t.forget_bias < CLOSED_GATE_BIAS
+        if (t.op != "RNN" and not closed) or len(g) < TIME_MIN_STEPS or not all(
+                math.isfinite(v) for v in g):
             continue
         top = max(g)
         if top <= 0 or g[-1] <= 0:
@@ -40,6 +43,11 @@ def _vanishing_time(ctx: _Ctx) -> Finding | None:
                 "activation": "saturating",
             }
             sev = Severity.ERROR if ratio < VANISH_ERROR * 1e-2 else Severity.WARNING
+            if closed:
+                ev["forget_bias"] = _sig(t.forget_bias)
+                return Finding("vanishing_gradients", sev, [t.module],
+                               ["closed_forget_gate", "recurrence"],
+                               ["forget_gate_bias", "orthogonal_init", "adaptive_optimizer"], ev)
             # An orthogonal recurrent matrix restores the flow from the first step; gates let it
             # be learned (and need training to show).
             return Finding("vanishing_gradients", sev, [t.module], ["recurrence", "depth"],
