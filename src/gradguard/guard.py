@@ -769,8 +769,10 @@ class Guard:
     def findings(self) -> list[Any]:
         """Run gradguard's detectors on :attr:`history` (flush first for the latest rows)."""
         from gradguard.doctor.detectors import run_detectors
+        from gradguard.doctor.probes import structure_summary
 
-        return run_detectors(self._history)
+        # the structure (embeddings, tied weights) is judged by rules of its own
+        return run_detectors(self._history, structure_summary(self.model))
 
     def close(self) -> None:
         """Flush, then close every sink that has ``close()``."""

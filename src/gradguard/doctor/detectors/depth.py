@@ -80,7 +80,7 @@ def _vanishing_causes(ctx: _Ctx, drift: float) -> tuple[list[str], list[str]]:
         remedies = [ctx.init_remedy(), "batch_norm", "residual_connections"]
         if ctx.dominant_activation() == "saturating":
             remedies.append("relu_family")
-    elif sat or ctx.probes is None:
+    elif sat or ctx.probes is None or not ctx.probes.forward:
         remedies = ["relu_family", "batch_norm", "xavier_init", "residual_connections"]
     else:
         remedies = [ctx.init_remedy(), "batch_norm", "residual_connections"]
