@@ -47,6 +47,7 @@ __all__ = [
     "fp32_output_",
     "insert_batch_norm_",
     "insert_layer_norm_",
+    "wrap_norm_",
     "pre_ln_",
     "reinit_",
     "standardize_",
@@ -271,6 +272,38 @@ def swap_recurrent_(model: nn.Module) -> list[str]:
     return [n for n, _ in targets]
 
 
+def wrap_norm_(model: nn.Module, follow: Mapping[str, str | None], kind: str) -> list[str]:
+    """Normalise the output of every linear/convolutional layer that an activation follows (as
+    traced, functional calls included), by replacing the layer with ``Sequential(layer, norm)``:
+    for models whose activations live in ``forward`` rather than in ``nn.Sequential``.
+
+    Args:
+        model: the model (the doctor passes a copy).
+        follow: the activation op after each layer (:func:`gradguard.doctor.activation_map`).
+        kind: ``"batch"`` (BatchNorm) or ``"layer"`` (LayerNorm over features, linear layers).
+
+    Returns:
+        list[str]: qualified names of the layers that got a normalisation.
+    """
+    changed = []
+    for name, mod in list(model.named_modules()):
+        if not name or follow.get(name) is None:
+            continue
+        norm: nn.Module | None = None
+        if isinstance(mod, nn.Linear):
+            norm = _FeatureBatchNorm(mod.out_features) if kind == "batch" else nn.LayerNorm(
+                mod.out_features)
+        elif kind == "batch" and isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+            norm = (nn.BatchNorm2d if isinstance(mod, nn.Conv2d) else nn.BatchNorm1d)(
+                mod.out_channels)
+        if norm is None:
+            continue
+        p = mod.weight
+        _replace(model, name, nn.Sequential(mod, norm.to(device=p.device, dtype=p.dtype)))
+        changed.append(name)
+    return changed
+
+
 def insert_layer_norm_(model: nn.Module) -> list[str]:
     """Normalise with LayerNorm where batch statistics do not fit (sequences, transformers):
     after each linear layer followed by an activation module inside an ``nn.Sequential``, and on
@@ -479,7 +512,7 @@ def _reinit(scheme: str) -> Callable[[nn.Module, Mapping[str, Any]], list[str]]:
 
 
 def _batch_norm(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
-    return insert_batch_norm_(model)
+    return insert_batch_norm_(model) or wrap_norm_(model, ctx.get("follow") or {}, "batch")
 
 
 def _gated(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
@@ -487,7 +520,7 @@ def _gated(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
 
 
 def _layer_norm(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
-    return insert_layer_norm_(model)
+    return insert_layer_norm_(model) or wrap_norm_(model, ctx.get("follow") or {}, "layer")
 
 
 def _pre_ln(model: nn.Module, ctx: Mapping[str, Any]) -> list[str]:
@@ -645,13 +678,13 @@ def fit_remedies(findings: list[Any], facts: ModelFacts) -> None:
                 continue
             rs.append(r)
         causes = list(f.causes)
-        if f.code in _INSTABILITY and facts.half:
-            rs.insert(0, "fp32_logits")
-            causes.insert(0, "half_precision")
         if f.code in _INSTABILITY + ("vanishing_gradients", "saturated_activations",
                                     "dead_units") and facts.unscaled_data:
             rs.insert(0, "standardize_data")
             causes.insert(0, "unscaled_data")
+        if f.code in _INSTABILITY and facts.half:  # overflow in half precision comes first
+            rs.insert(0, "fp32_logits")
+            causes.insert(0, "half_precision")
         if facts.adaptive and "lower_learning_rate" in rs and "lr_schedule" not in rs \
                 and not facts.warms_up and f.code in _INSTABILITY:
             rs.append("lr_schedule")  # the Adam user's sibling of "switch optimizer": warm up

@@ -299,10 +299,12 @@ def _try_remedies(recipe: Recipe, seed: int, max_trials: int, base: _Run, ctx: d
             tried += 1
         trials.append(_trial(recipe, seed, base, t, ctx, time_axis, progress))
     ordered = rank(trials)
+    cannot = {t.remedy for t in ordered if t.note in ("not_applicable", "failed")}
     for f in base.findings:
         f.trials = [t for t in ordered if t.remedy in f.remedies]
         helped = [t.remedy for t in ordered if t.remedy in f.remedies and t.improved]
-        f.remedies = helped + [r for r in f.remedies if r not in helped]
+        # a remedy that cannot apply to this model is listed with its trial, never offered
+        f.remedies = helped + [r for r in f.remedies if r not in helped and r not in cannot]
     return ordered
 
 

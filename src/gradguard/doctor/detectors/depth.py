@@ -63,10 +63,10 @@ def _vanishing_causes(ctx: _Ctx, drift: float) -> tuple[list[str], list[str]]:
     dead_at_init = bool(dead) and initial is not None and any(
         s.dead > DEAD_FRAC for s in initial.sites if s.name in {d.name for d in dead})
     causes: list[str] = []
+    if drift <= -DRIFT_DECADES / 2:
+        causes.append("small_init")  # tiny signals also leave ReLUs dead: the scale comes first
     if dead_at_init:
         causes.append("dying_relu")
-    if drift <= -DRIFT_DECADES / 2:
-        causes.append("small_init")
     if dead and not dead_at_init:
         causes.append("dying_relu")
     if sat:
