@@ -64,6 +64,8 @@ def detect_training_stalled(ctx: _Ctx) -> Finding | None:
     per_row = [_median([u for u in row if math.isfinite(u)]) for row in view.update]
     med = _median(per_row)
     flat = abs(first - last) < max(STALL_LOSS_CHANGE * abs(first), 2 * trend.noise)
+    # weights that do not move at all: what the loss does is batch-to-batch noise
+    flat = flat or (math.isfinite(med) and med < STALL_UPDATE / 100)
     if not (flat and math.isfinite(med) and med < STALL_UPDATE):
         return None
     layer_med = {layer: _median([row[j] for row in view.update])
@@ -92,12 +94,12 @@ def _lr_symptom(ctx: _Ctx, trend: _Trend, update: float) -> bool:
     """Large updates that buy nothing: the loss ends no lower than 0.9x where it started, *and*
     the updates are enormous (10x the threshold), or the loss blew up on the way (above twice its
     start), or rose beyond batch noise or oscillates hard without falling at the end. A plateau
-    that is learning by the end is a slow start."""
+    (flat within 10 %) or one that is learning by the end is a slow start."""
     loss = [v for v in ctx.hist.loss if math.isfinite(v)]
     ref = min(trend.first, trend.start)
     stuck = trend.last > 0.9 * ref
     went_up = trend.start > 0 and max(loss) > 2 * trend.start
-    rose = trend.last > ref + 2 * trend.noise
+    rose = trend.last > max(ref + 2 * trend.noise, 1.1 * ref)  # 10 % up, beyond noise
     d = [abs(b - a) for a, b in zip(loss, loss[1:])]
     swing = _median(d) / abs(trend.first) if trend.first else 0.0
     oscillating = trend.flips >= 0.6 and swing > 0.05
