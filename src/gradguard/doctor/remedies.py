@@ -463,6 +463,9 @@ class Treatment:
         manual: the remedy needs a code change the doctor cannot make (it is advised, not tried).
         mean_loss: divide the loss by the number of elements it sums over before the backward
             pass (what ``reduction="mean"`` does); the loss is still reported as the user's.
+        target_scale: with standardised regression targets, divide the loss by their variance
+            before the backward pass (the loss the model would be trained on in standard units);
+            the loss is still reported in the user's units.
         lr_search: learning-rate factors to try, in order (the best by loss is kept and reported).
     """
 
@@ -477,6 +480,7 @@ class Treatment:
     adam: bool = False
     manual: bool = False
     mean_loss: bool = False
+    target_scale: bool = False
     lr_search: tuple[float, ...] = ()
 
     @property
@@ -564,7 +568,7 @@ TREATMENTS: dict[str, Treatment] = {
         Treatment("pre_ln", _pre_ln),
         Treatment("forget_gate_bias", _forget_bias),
         Treatment("fp32_logits", _fp32),
-        Treatment("standardize_data", _standardize),
+        Treatment("standardize_data", _standardize, target_scale=True),
         Treatment("mean_reduction", mean_loss=True),
         Treatment("adaptive_optimizer", adam=True),
         Treatment("residual_connections", manual=True),

@@ -365,6 +365,10 @@ def run(recipe: Recipe, seed: int, treatment: Treatment | None = None,
     if t.mean_loss:
         scale = 1.0 / float(ctx.get("loss_elements", 1))
         changed = [*changed, f"loss / {int(round(1 / scale))}"]
+    dstats = ctx.get("data_stats")
+    if t.target_scale and changed and dstats is not None and dstats[3] is not None:
+        scale = 1.0 / float((dstats[3] ** 2).mean())  # [sync] once per run
+        changed = [*changed, f"loss / {1 / scale:.3g}"]
     buf = HistoryBuffer(names, capacity=n, device=device)
     init_params = param_infos(m)
     early_end = max(1, min(5, n // 4)) if opt is not None else n

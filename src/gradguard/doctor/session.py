@@ -303,8 +303,11 @@ def _try_remedies(recipe: Recipe, seed: int, max_trials: int, base: _Run, ctx: d
     for f in base.findings:
         f.trials = [t for t in ordered if t.remedy in f.remedies]
         helped = [t.remedy for t in ordered if t.remedy in f.remedies and t.improved]
-        # a remedy that cannot apply to this model is listed with its trial, never offered
-        f.remedies = helped + [r for r in f.remedies if r not in helped and r not in cannot]
+        worse = [t.remedy for t in ordered if t.remedy in f.remedies and t.verdict == "worse"]
+        # a remedy that cannot apply to this model is listed with its trial, never offered; one
+        # measured worse goes last
+        rest = [r for r in f.remedies if r not in helped and r not in cannot and r not in worse]
+        f.remedies = helped + rest + worse
     return ordered
 
 

@@ -114,6 +114,8 @@ def run_detectors(history: History, probes: ProbeSummary | None = None) -> list[
     codes = {f.code for f in findings}
     if "learning_rate_too_high" in codes:  # the same climb, already explained with its cause
         findings = [f for f in findings if f.code != "loss_divergence"]
+    elif "loss_divergence" in codes:  # a climb is neither a stall nor a passing spike
+        findings = [f for f in findings if f.code not in ("training_stalled", "loss_spike")]
     summed = loss_scale_finding(ctx, findings)
     if summed is not None:
         findings.append(summed)

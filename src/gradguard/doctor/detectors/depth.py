@@ -115,13 +115,14 @@ def _exploding_depth(ctx: _Ctx) -> Finding | None:
     if not (by_depth or by_rel):
         return None
     if not named:
-        # homogeneous nets scale every layer alike, so depth ratios stay flat: name every
-        # layer whose gradient is larger than its weights
+        # homogeneous nets scale every layer alike, so depth ratios stay flat: name every layer
+        # whose gradient/weight ratio is within 10x of the largest (relative: scale-free)
         j0 = rows[0]
-        named = [layer for layer in ctx.view.weight_layers
-                 if ctx.view.weight_norm.get(layer, 0) > 0
-                 and ctx.view.norms[j0][ctx.view.layers.index(layer)]
-                 > ctx.view.weight_norm[layer]] or list(layers)
+        view = ctx.view
+        ratios = {layer: view.norms[j0][view.layers.index(layer)] / view.weight_norm[layer]
+                  for layer in view.weight_layers if view.weight_norm.get(layer, 0) > 0}
+        top = max((v for v in ratios.values() if math.isfinite(v)), default=math.nan)
+        named = [layer for layer, v in ratios.items() if v >= NAME_RATIO * top] or list(layers)
     causes = ["large_init"]
     if drift < DRIFT_DECADES / 2 and ctx.sites("saturating"):
         causes = ["large_init", "saturating_activation"]

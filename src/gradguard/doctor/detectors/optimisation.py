@@ -65,7 +65,7 @@ def detect_training_stalled(ctx: _Ctx) -> Finding | None:
     med = _median(per_row)
     flat = abs(first - last) < max(STALL_LOSS_CHANGE * abs(first), 2 * trend.noise)
     # weights that do not move at all: what the loss does is batch-to-batch noise
-    flat = flat or (math.isfinite(med) and med < STALL_UPDATE / 100)
+    flat = flat or med == 0.0
     if not (flat and math.isfinite(med) and med < STALL_UPDATE):
         return None
     layer_med = {layer: _median([row[j] for row in view.update])

@@ -120,32 +120,39 @@ def detect_loss_spike(ctx: _Ctx) -> Finding | None:
 
 
 def detect_loss_divergence(ctx: _Ctx) -> Finding | None:
-    """The loss climbed far above where it started and stayed there (a level shift of the
-    shared :func:`gradguard._series.level_shifts`), or ended far above its start. A run that went
-    non-finite is left to the non-finite detectors."""
+    """The loss rose to a new level above its start and stayed there to the end (a level shift of
+    the shared :func:`gradguard._series.level_shifts`), or its running median climbed far above
+    its start
+    (even if it came back down later). A run that went non-finite is left to the non-finite
+    detectors. Scale-free: every test is a ratio of loss levels."""
     loss = ctx.hist.loss
     if ctx.n < MIN_ROWS or ctx.first_bad_row is not None:
         return None
-    finite = [v for v in loss if math.isfinite(v)]
-    if len(finite) < MIN_ROWS:
-        return None
-    window = max(3, min(5, len(finite) // 6))
-    shifts = [s for s in level_shifts(loss, min_factor=DIVERGE_FACTOR, window=window)
-              if math.isfinite(s.factor)]
+    idx = [i for i, v in enumerate(loss) if math.isfinite(v)]
     trend = _loss_trend(ctx)
-    ended_high = (trend is not None and trend.start > 0
-                  and trend.last > DIVERGE_FACTOR * trend.start)
-    open_shift = next((s for s in shifts if s.end is None), None)
-    if open_shift is None and not ended_high and not shifts:
+    if len(idx) < MIN_ROWS or trend is None or not trend.start > 0:
         return None
-    shift = open_shift or (shifts[0] if shifts else None)
-    if shift is not None:
-        before, after, factor, first = shift.before, shift.after, shift.factor, shift.start
-        recovered = shift.end is not None and not ended_high
-        length = (shift.end - shift.start) if shift.end is not None else ctx.n - shift.start
-    else:  # a slow climb the running median never doubled within a window
-        before, after = trend.start, trend.last  # type: ignore[union-attr]
-        factor, first, recovered, length = after / before, 0, False, ctx.n
+    window = max(3, min(5, len(idx) // 6))
+    # a new level that lasts to the end counts when it is above where the run started (a setback
+    # after a one-off outlier batch, still below the start, is left to the spike detector)
+    open_shift = next((s for s in level_shifts(loss, min_factor=DIVERGE_FACTOR, window=window)
+                       if s.end is None and math.isfinite(s.factor) and s.after > trend.start),
+                      None)
+    vals = [loss[i] for i in idx]
+    # running medians over full windows: one outlier batch never makes a level
+    rm = [statistics.median(vals[k - window + 1:k + 1]) for k in range(window - 1, len(vals))]
+    start = trend.start
+    up = [k + window - 1 for k, v in enumerate(rm) if v > DIVERGE_FACTOR * start]
+    if open_shift is not None:
+        before, after, factor = open_shift.before, open_shift.after, open_shift.factor
+        first, recovered, length = open_shift.start, False, ctx.n - open_shift.start
+    elif up:
+        after = max(rm)
+        before, factor, first = start, after / start, idx[up[0]]
+        recovered = rm[-1] <= DIVERGE_FACTOR * start
+        length = len(up)
+    else:
+        return None
     ev = {
         "before": _sig(before),
         "after": _sig(after),
