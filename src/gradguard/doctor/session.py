@@ -438,7 +438,8 @@ class Prescription:
 
 
 def prescribe(model: nn.Module, remedy: str, example: tuple[Any, Any],
-              optimizer: torch.optim.Optimizer | None = None) -> Prescription:
+              optimizer: torch.optim.Optimizer | None = None, *,
+              lr_factor: float | None = None) -> Prescription:
     """Apply remedy ``remedy`` to a deep copy of ``model``, as ``diagnose`` tries it.
 
     Args:
@@ -447,6 +448,8 @@ def prescribe(model: nn.Module, remedy: str, example: tuple[Any, Any],
         example: one ``(inputs, targets)`` batch; one forward pass traces which activation follows
             each layer (for initialisations that depend on it).
         optimizer: the optimizer to clone onto the copy (optional).
+        lr_factor: the learning-rate factor a search chose (``trial.factor``); default: the
+            remedy's own.
 
     Returns:
         Prescription: the treated copy and what to change in the training loop.
@@ -476,6 +479,7 @@ def prescribe(model: nn.Module, remedy: str, example: tuple[Any, Any],
         changed = t.model_fn(m, ctx)
     opt = None
     if optimizer is not None:
-        opt = clone_optimizer(model, m, optimizer, lr_factor=t.lr_factor, adam=t.adam)
+        factor = lr_factor if lr_factor is not None and math.isfinite(lr_factor) else t.lr_factor
+        opt = clone_optimizer(model, m, optimizer, lr_factor=factor, adam=t.adam)
     return Prescription(remedy, m, opt, changed, clip=t.clip, skip_nonfinite=t.skip_nonfinite,
                         warmup=t.warmup, mean_loss=t.mean_loss)
