@@ -401,3 +401,36 @@ def test_recipe_runs_step_fn_batches_as_given() -> None:
                                                                           lr=0.1))
     r, changed = run(rec, 0)
     assert changed == [] and len(r.history) == 5 and len(r.lrs) == 5
+
+
+def _recorded(loss: list[float], gn: list[float]) -> Any:
+    from gradguard.history import History
+
+    h = History(["a.weight", "b.weight"])
+    for s, (v, g) in enumerate(zip(loss, gn)):
+        h.step.append(s)
+        h.loss.append(v)
+        h.global_norm.append(g)
+        h.layer_norm.append([g / 2 ** 0.5] * 2)
+        h.update_ratio.append([1e-3, 1e-3])
+        h.skipped.append(False)
+        h.clipped.append(False)
+        h.threshold.append(math.nan)
+        h.lr_scale.append(1.0)
+    return h
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_recorded_lr_burst_is_a_divergence_and_an_outlier_batch_a_spike(scale: float) -> None:
+    from gradguard.doctor.detectors import run_detectors
+
+    falling = [4.2 * 0.97 ** s for s in range(30)]
+    burst = falling + [falling[-1] * 4 * (1 + 0.01 * (s % 3)) for s in range(20)]
+    codes = [f.code for f in run_detectors(_recorded([scale * v for v in burst], [1.0] * 50))]
+    assert codes == ["loss_divergence"]
+    f = run_detectors(_recorded(burst, [1.0] * 50))[0]
+    assert not f.evidence["recovered"] and f.evidence["first_step"] == 30
+    knocked = falling + [falling[-1] * 30] + [falling[-1] * 3.5] * 19  # one bad batch, then damage
+    gn = [1.0] * 30 + [60.0] + [3.0] * 19
+    codes = [f.code for f in run_detectors(_recorded([scale * v for v in knocked], gn))]
+    assert "loss_spike" in codes and "loss_divergence" not in codes

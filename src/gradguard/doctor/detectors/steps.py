@@ -119,6 +119,23 @@ def detect_loss_spike(ctx: _Ctx) -> Finding | None:
                    ev)
 
 
+def _spike_shaped(ctx: _Ctx, onset: int) -> bool:
+    """Whether a new level starts with one outlier step: the loss (or the gradient norm) at the
+    onset, or one step either side, jumps far above its trailing median and the next steps fall
+    well back (the level that follows is the damage of that batch, not a climb)."""
+    for series, ratio in ((ctx.hist.loss, SPIKE_RATIO), (ctx.hist.global_norm, SPIKE_NORM_RATIO)):
+        for j in range(max(1, onset - 1), min(ctx.n, onset + 2)):
+            v = series[j]
+            win = [x for x in series[max(0, j - SPIKE_WINDOW):j] if math.isfinite(x)]
+            after = [x for x in series[j + 1:j + 6] if math.isfinite(x)]
+            if not (math.isfinite(v) and len(win) >= 3 and after):
+                continue
+            med = statistics.median(win)
+            if med > 0 and v > 2 * ratio * med and _median(after) < med + 0.5 * (v - med):
+                return True
+    return False
+
+
 def detect_loss_divergence(ctx: _Ctx) -> Finding | None:
     """The loss rose to a new level above its start and stayed there to the end (a level shift of
     the shared :func:`gradguard._series.level_shifts`), or its running median climbed far above
@@ -143,6 +160,8 @@ def detect_loss_divergence(ctx: _Ctx) -> Finding | None:
     rm = [statistics.median(vals[k - window + 1:k + 1]) for k in range(window - 1, len(vals))]
     start = trend.start
     up = [k + window - 1 for k, v in enumerate(rm) if v > DIVERGE_FACTOR * start]
+    if open_shift is not None and _spike_shaped(ctx, open_shift.start):
+        open_shift = None  # one outlier batch knocked the run back: the spike detector's case
     if open_shift is not None:
         before, after, factor = open_shift.before, open_shift.after, open_shift.factor
         first, recovered, length = open_shift.start, False, ctx.n - open_shift.start
