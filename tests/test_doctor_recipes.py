@@ -4,11 +4,14 @@ user's scheduler and clipping, progress, time budget, ranking by the loss, and e
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
@@ -434,3 +437,28 @@ def test_recorded_lr_burst_is_a_divergence_and_an_outlier_batch_a_spike(scale: f
     gn = [1.0] * 30 + [60.0] + [3.0] * 19
     codes = [f.code for f in run_detectors(_recorded([scale * v for v in knocked], gn))]
     assert "loss_spike" in codes and "loss_divergence" not in codes
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.floats(1e-4, 1e4), shape=st.sampled_from(["falling", "climb", "burst", "spike",
+                                                        "flat", "oscillate"]),
+       seed=st.integers(0, 1000))
+def test_every_detector_is_scale_free_in_the_loss(c: float, shape: str, seed: int) -> None:
+    """A loss × c (its gradients × c too) gives the same findings on a recorded history."""
+    from gradguard.doctor.detectors import run_detectors
+
+    rng = random.Random(seed)
+    n = 40
+    base = {
+        "falling": [3.0 * 0.96 ** s for s in range(n)],
+        "climb": [3.0 * 1.08 ** s for s in range(n)],
+        "burst": [3.0 * 0.96 ** s if s < 25 else 3.0 * 0.96 ** 24 * 5 for s in range(n)],
+        "spike": [3.0 * 0.96 ** s * (20 if s == 30 else 1) for s in range(n)],
+        "flat": [3.0] * n,
+        "oscillate": [3.0 * (1.6 if s % 2 else 0.6) for s in range(n)],
+    }[shape]
+    loss = [v * (1 + 0.02 * rng.random()) for v in base]
+    gn = [1.0 + 0.1 * rng.random() for _ in range(n)]
+    a = run_detectors(_recorded(loss, gn))
+    b = run_detectors(_recorded([c * v for v in loss], [c * g for g in gn]))
+    assert [(f.code, f.layers, f.causes) for f in a] == [(f.code, f.layers, f.causes) for f in b]
