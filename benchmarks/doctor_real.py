@@ -88,6 +88,12 @@ def sk_batches(name: str, n: int, bs: int, seed: int, *, scale: bool
             y = (y - y.mean()) / y.std()
     if regression:
         y = y[:, None]
+    return draw(x, y, n, bs, seed)
+
+
+def draw(x: torch.Tensor, y: torch.Tensor, n: int, bs: int, seed: int
+         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of rows drawn with torch.randint from the global RNG, as a user's loop does."""
     torch.manual_seed(seed)
     out = []
     for _ in range(n):
@@ -102,13 +108,7 @@ def digit_images(n: int, bs: int, seed: int) -> list[tuple[torch.Tensor, torch.T
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
     x = (x - 0.3) / 0.4
-    y = torch.tensor(d.target)
-    torch.manual_seed(seed)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, len(x), (bs,))
-        out.append((x[idx], y[idx]))
-    return out
+    return draw(x, torch.tensor(d.target), n, bs, seed)
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -307,13 +307,8 @@ def _dead(seed: int, sick: bool) -> Callable[[int], Setup]:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-        y = torch.tensor(d.target)
-        torch.manual_seed(ds)
-        data = []
-        for _ in range(40):
-            idx = torch.randint(0, len(x), (64,))
-            data.append((x[idx], y[idx]))
+        data = draw(torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target),
+                    40, 64, ds)
         return dict(model=m, loss_fn=F.cross_entropy, data=data,
                     optimizer=torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), steps=40)
     return build

@@ -349,26 +349,18 @@ def test_slow_start_is_not_a_learning_rate_problem() -> None:
 
 
 def test_closed_lstm_forget_gate_is_named_with_its_remedy() -> None:
+    from tests.test_detect import _LSTM
+
     torch.manual_seed(0)
-
-    class Seq(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lstm = nn.LSTM(2, 16, batch_first=True)
-            self.head = nn.Linear(16, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.lstm(x)[0][:, -1])
-
-    net = Seq()
+    net = _LSTM()
     with torch.no_grad():
-        net.lstm.bias_ih_l0[16:32].fill_(-6.0)
-        net.lstm.bias_hh_l0[16:32].zero_()
+        net.rnn.bias_ih_l0[32:64].fill_(-6.0)
+        net.rnn.bias_hh_l0[32:64].zero_()
     x = torch.randn(32, 30, 2)
     y = x[:, 0, :1]
     r = gg.diagnose(net, F.mse_loss, (x, y))
     f = r.finding("vanishing_gradients")
-    assert f is not None and f.evidence["axis"] == "time" and f.layers == ["lstm"]
+    assert f is not None and f.evidence["axis"] == "time" and f.layers == ["rnn"]
     assert f.causes[0] == "closed_forget_gate" and f.remedies[0] == "forget_gate_bias"
     assert f.evidence["forget_bias"] == pytest.approx(-6.0)
 
