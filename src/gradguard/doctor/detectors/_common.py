@@ -17,94 +17,45 @@ from gradguard.doctor.probes import HARD_ZERO, ProbeSummary, SiteStats, Temporal
 from gradguard.history import History
 
 
+# -- thresholds ----------------------------------------------------------------------------------
 #: vanishing: the first weight layer's gradient is this far below the best-fed later layer.
 VANISH_RATIO = 1e-2
-
-
 #: ...and error severity below this.
 VANISH_ERROR = 1e-4
-
-
 #: a layer is named when its gradient is this far below the best-fed later layer.
 NAME_RATIO = 1e-1
-
-
 #: exploding across depth: the first layer's gradient this far above the weakest later layer.
 EXPLODE_RATIO = 1e2
-
-
-#: exploding at init: the median gradient/weight norm ratio over layers exceeds this.
-EXPLODE_REL = 10.0
-
-
 #: exploding over time: the global norm grows this much above its early median...
 EXPLODE_GROWTH = 1e2
-
-
 #: ...and stays at least this much above it at the end of the window.
 EXPLODE_SUSTAIN = 1e1
-
-
 #: temporal (recurrent) vanishing/exploding: gradient at the first time step over the last's.
 TIME_VANISH = 1e-3
-
-
 TIME_EXPLODE = 1e1  # healthy recurrent layers (any cell, any sane init) decay backward in time
-
-
 #: a recurrent profile needs at least this many time steps to be judged.
 TIME_MIN_STEPS = 8
-
-
 #: saturation: share of a site's outputs pinned near a bound.
 SATURATED_FRAC = 0.3
-
-
 SATURATED_ERROR = 0.6
-
-
 #: dead units: share of a ReLU site's units that are dead (positive on < 1% of the samples).
 #: Half: a healthy 16-layer, 32-wide He-initialised ReLU net showed 44% in one deep layer at init.
 DEAD_FRAC = 0.5
-
-
 DEAD_ERROR = 0.8
-
-
 DEAD_MIN_UNITS = 4
-
-
 #: activation scale drift: last/first RMS of weight-layer outputs, in orders of magnitude.
 DRIFT_DECADES = 2.0
-
-
 DRIFT_MIN_LAYERS = 4
-
-
 #: learning rate too high: median update/weight ratio (CS231n: ~1e-3 is healthy).
 LR_UPDATE_RATIO = 1e-2
-
-
 #: training stalled: loss changes by less than this share and updates are below STALL_UPDATE.
 STALL_LOSS_CHANGE = 0.01
-
-
 STALL_UPDATE = 1e-4
-
-
 #: loss spike: robust z-score against the trailing window, and the loss ratio to its median.
 SPIKE_Z = 6.0
-
-
 SPIKE_RATIO = 2.0
-
-
 SPIKE_NORM_RATIO = 10.0
-
-
 SPIKE_WINDOW = 10
-
-
 #: time-based detectors need this many recorded steps.
 MIN_ROWS = 8
 #: loss divergence: the loss's level rose this many times above where it was, and stayed.
@@ -116,7 +67,6 @@ SUM_RATIO = (1.6, 2.6)
 FORWARD_GROWTH = 30.0
 #: an LSTM's forget gate counts as closed when its mean bias is below this (sigmoid(-1) = 0.27).
 CLOSED_GATE_BIAS = -1.0
-
 
 CODES = (
     "loss_scale",
