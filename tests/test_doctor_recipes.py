@@ -93,6 +93,12 @@ def test_step_fn_returning_logits_and_loss() -> None:
     assert report.healthy
     with pytest.raises(TypeError, match="step_fn"):
         gg.diagnose(model, None, digit_batches(2), opt, steps=2, step_fn=lambda m, b: "loss")
+    # an output object with .loss (Hugging Face style), and examining without an optimizer
+    from types import SimpleNamespace
+
+    hf = gg.diagnose(model, None, digit_batches(4), step_fn=lambda m, b: SimpleNamespace(
+        logits=m(*b)[0], loss=m(*b)[1]))
+    assert hf.metadata["mode"] == "examine" and hf.history.layers == ["body.0", "body.2"]
 
 
 def test_missing_loss_fn_and_step_fn_is_a_clear_error() -> None:
