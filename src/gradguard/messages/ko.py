@@ -453,6 +453,8 @@ UI: dict[str, str] = {
 }
 
 # -- 닥터 패키지와 함께 추가 (issue 10) ---------------------------------------------------------------
+from gradguard.messages import en as _en  # noqa: E402  (snippets that are code only)
+
 FINDINGS.update({
     "loss_divergence": {
         "title": "손실 발산",
@@ -522,12 +524,7 @@ REMEDIES.update({
         "title": "LSTM 망각 게이트 열기 (바이어스 +1)",
         "text": "망각 게이트 바이어스를 +1로 시작해 셀이 상태를 유지하고 그래디언트가 시간을 "
                 "거슬러 흐르게 합니다(Gers 외 2000; Jozefowicz 외 2015).",
-        "snippet": (
-            "h = lstm.hidden_size\n"
-            "with torch.no_grad():\n"
-            "    lstm.bias_ih_l0[h:2 * h].fill_(1.0)\n"
-            "    lstm.bias_hh_l0[h:2 * h].zero_()"
-        ),
+        "snippet": _en.REMEDIES["forget_gate_bias"]["snippet"],  # code reads the same
     },
     "fp32_logits": {
         "title": "로짓과 손실을 float32로",
