@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradguard import doctor
+from gradguard.doctor import ranking
 from gradguard.doctor import diagnose
 from gradguard.findings import Finding
 
@@ -409,33 +409,35 @@ def cases(n_per: int, base_seed: int = 1000) -> list[EvalCase]:
 # -- evaluation -----------------------------------------------------------------------------------
 def first_remedy_effect(case: EvalCase, finding: Finding) -> tuple[str, str]:
     """(remedy, verdict) for the finding's first-ranked remedy, tried on a fresh copy."""
-    from gradguard.treat import TREATMENTS
+    from gradguard.doctor import session
+    from gradguard.doctor.remedies import TREATMENTS
+    from gradguard.doctor.run import EXAM_BATCHES, Recipe, collect_batches, run
 
     model, loss_fn, data, opt = case.build()
-    n = case.steps if opt is not None else min(case.steps, doctor.EXAM_BATCHES)
-    batches = doctor._collect_batches(data, n)
+    n = case.steps if opt is not None else min(case.steps, EXAM_BATCHES)
+    batches = collect_batches(data, n)
+    recipe = Recipe(model, batches, loss_fn, None, opt)
     with torch.random.fork_rng():
-        base, _ = doctor._run(model, loss_fn, batches, opt, 0, None, None, model, None)
+        base, _ = run(recipe, 0)
         remedy = next((r for r in finding.remedies if not (
             TREATMENTS.get(r) is not None and TREATMENTS[r].needs_optimizer and opt is None)),
             finding.remedies[0])
         t = TREATMENTS.get(remedy)
         if t is None or t.manual:
             return remedy, "manual"
-        ctx = doctor._trial_context(base)
-        clip = base.early_norm if math.isfinite(base.early_norm) and base.early_norm > 0 else 1.0
+        ctx = session._trial_context(base, recipe)
         time_axis = finding.evidence.get("axis") == "time"
-        trial = doctor._trial(model, loss_fn, batches, opt, 0, base, remedy, ctx, clip, time_axis)
+        trial = session._trial(recipe, 0, base, t, ctx, time_axis, None)
     if not trial.applied:
         return remedy, f"not applied ({trial.note})"
     # strict: gradient flow or loss, not merely "the finding went away"
-    bflow = doctor._time_flow(base) if time_axis else doctor._flow(base)
+    bflow = ranking.time_flow(base) if time_axis else ranking.flow(base)
     tflow = trial.time_ratio if time_axis else trial.flow_ratio
-    bd, td = doctor._decades(bflow), doctor._decades(tflow)
+    bd, td = ranking._decades(bflow), ranking._decades(tflow)
     flow_ok = (math.isfinite(bd) and math.isfinite(td) and bd >= 1.0
-               and doctor._flow_gain(bflow, tflow) >= 0.5) or (
+               and ranking.flow_gain(bflow, tflow) >= 0.5) or (
         not math.isfinite(bd) and math.isfinite(td))
-    bl, tl = doctor._final_loss(base), trial.final_loss
+    bl, tl = ranking.final_loss(base), trial.final_loss
     loss_ok = (math.isfinite(bl) and math.isfinite(tl) and tl < 0.95 * bl) or (
         not math.isfinite(bl) and math.isfinite(tl))
     verdict = "improves" if (flow_ok or loss_ok) else "no gain"

@@ -42,3 +42,19 @@ def test_recovery_benchmark_quick_runs():
     for name in ("stock clip", "zclip", "recovery", "tuned", "lr x100", "garbage", "nan loss", "lr creep"):
         assert name in out
     assert "undisturbed recovery: bit-identical to the plain torch loop: True; 0 rollbacks, 0 skips" in out
+
+
+def test_doctor_real_quick_runs():
+    """benchmarks/doctor_real.py --quick: a crash check of the realistic gallery (two twins)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "doctor_real.py"), "--quick"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("codes right", "layers right", "first remedy appropriate", "strict",
+                "false alarms", "seconds per patient"):
+        assert row in out
+    assert "wine_unscaled" in out and "fp32_mse" in out

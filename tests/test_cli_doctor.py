@@ -158,3 +158,37 @@ def test_subcommands_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("doctor", "report", "demo"):
         assert name in out
+
+
+def test_factory_dict_with_step_fn_scheduler_and_clip(tmp_path) -> None:
+    """A factory can hand over the whole recipe: step_fn, scheduler and clip."""
+    import json
+
+    src = tmp_path / "recipe.py"
+    src.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "import torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = nn.Linear(8, 3)\n"
+        "    def forward(self, x, y):\n"
+        "        out = self.lin(x)\n"
+        "        return out, F.cross_entropy(out, y)\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = Net()\n"
+        "    opt = torch.optim.SGD(net.parameters(), lr=0.1)\n"
+        "    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))\n"
+        "    data = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(10)]\n"
+        "    return dict(model=net, data=data, optimizer=opt, scheduler=sched, clip=1.0,\n"
+        "                step_fn=lambda m, b: m(*b), steps=10)\n"
+    )
+    rc = main(["doctor", f"{src}:make", "--json", str(tmp_path / "r.json"),
+               "--max-seconds", "30"])
+    assert rc in (0, 1)
+
+    md = json.loads((tmp_path / "r.json").read_text())["metadata"]
+    assert md["scheduler"] == "LambdaLR" and md["clip"] == 1.0
+    assert json.loads((tmp_path / "r.json").read_text())["history"]["layers"] == ["lin"]

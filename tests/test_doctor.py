@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradguard as gg
-from gradguard.detect import CAUSES, REMEDIES
+from gradguard.doctor.detectors import CAUSES, REMEDIES
 from gradguard.doctor import activation_map, prescribe
 
 from tests.gallery import Case, cases, digit_batches, mlp
@@ -188,7 +188,7 @@ def test_prescribe_returns_treated_copy() -> None:
 
 def test_activation_map_traces_functional_calls() -> None:
     from tests.gallery import FunctionalSigmoidMLP
-    from gradguard.probe import Probe
+    from gradguard.doctor.probes import Probe
 
     net = FunctionalSigmoidMLP(3, 8)
     with Probe(net) as p:

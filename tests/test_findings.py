@@ -117,3 +117,19 @@ def test_finding_helpers() -> None:
     assert Finding.from_dict(f.to_dict()) == f
     with pytest.raises(ValueError):
         Finding("x", "fatal")  # type: ignore[arg-type]
+
+
+def test_findings_never_import_rendering() -> None:
+    """Findings are data; rendering (messages, report) depends on them, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    import gradguard.findings as fmod
+
+    tree = ast.parse(Path(fmod.__file__).read_text(encoding="utf-8"))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m.startswith(("gradguard.messages", "gradguard.report"))}
+    assert not any(m == "gradguard" for m in imported)
+    with pytest.raises(ValueError, match="kind"):
+        fmod.set_renderer("pdf", str)

@@ -9,10 +9,10 @@ import string
 import pytest
 
 from gradguard import messages as M
-from gradguard.detect import CAUSES, CODES, REMEDIES
+from gradguard.doctor.detectors import CAUSES, CODES, REMEDIES
 from gradguard.findings import Finding
 from gradguard.messages import en, ko
-from gradguard.treat import TREATMENTS
+from gradguard.doctor.remedies import TREATMENTS
 
 NOTES = ("manual", "needs_optimizer", "trial_limit", "failed", "not_applicable")
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
@@ -107,6 +107,11 @@ _EVIDENCE = {
     "training_stalled": [{"loss_first": 2.3, "loss_last": 2.3, "update_ratio": 1e-7}],
     "loss_spike": [{"series": "loss", "ratio": 5.0, "first_step": 20, "z": 40.0, "count": 1},
                    {"series": "grad_norm", "ratio": 25.0, "first_step": 20, "z": 200.0, "count": 1}],
+    "loss_divergence": [{"before": 4.2, "after": 60.0, "factor": 14.3, "first_step": 9,
+                         "recovered": False, "length": 21},
+                        {"before": 2.5, "after": 5.1, "factor": 2.04, "first_step": 40,
+                         "recovered": True, "length": 12}],
+    "loss_scale": [{"batch_ratio": 2.0, "caused": "learning_rate_too_high"}],
 }
 
 

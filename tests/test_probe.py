@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradguard.probe import PINNED_DERIVATIVE, Probe, ProbeSummary, param_infos
+from gradguard.doctor.probes import PINNED_DERIVATIVE, Probe, ProbeSummary, param_infos
 from gradguard.testing import count_host_syncs
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.treat import (
+from gradguard.doctor.remedies import (
     TREATMENTS,
     insert_batch_norm_,
     reinit_,

@@ -20,6 +20,7 @@ from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
 from gradguard.sinks import CSVSink, JSONLSink, TensorBoardSink
 from gradguard.recovery import SpikePolicy
 from gradguard.stats import GradStats, grad_stats
+from gradguard.report import plots as _plots  # noqa: E402,F401  (installs Report.to_html)
 from gradguard import lab  # noqa: E402  (the lab imports its heavy dependencies lazily)
 
 __version__ = "0.1.0"

@@ -3,6 +3,11 @@
 Everything here is plain data (codes, layer names, numbers) that round-trips through JSON. The
 words a person reads come from :mod:`gradguard.messages` by code, in English or Korean, when a
 report is rendered; nothing in this module holds user-facing text of its own.
+
+Rendering depends on findings, never the reverse: this module imports neither
+:mod:`gradguard.messages` nor :mod:`gradguard.report`. Those install their renderers here
+(:func:`set_renderer`) when they are imported, which ``import gradguard`` does; the convenience
+methods (``Finding.title``, ``Report.render``, ``Report.to_html``, ...) call them.
 """
 
 from __future__ import annotations
@@ -12,11 +17,32 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["Finding", "HistorySummary", "Report", "Severity", "Trial"]
+__all__ = ["Finding", "HistorySummary", "Report", "Severity", "Trial", "set_renderer"]
 
 REPORT_FORMAT = "gradguard.report/1"
+
+#: the renderers the rendering layers installed: "title", "explain", "text", "html"
+_RENDERERS: dict[str, Callable[..., str]] = {}
+
+
+def set_renderer(kind: str, fn: Callable[..., str]) -> None:
+    """Install the function behind ``Finding.title`` (``"title"``: ``fn(code, lang)``),
+    ``Finding.explain`` (``"explain"``: ``fn(finding, lang)``), ``Report.render`` (``"text"``:
+    ``fn(report, lang)``) or ``Report.to_html`` (``"html"``: ``fn(report, lang=lang)``).
+    :mod:`gradguard.messages` and :mod:`gradguard.report.plots` call it when imported."""
+    if kind not in ("title", "explain", "text", "html"):
+        raise ValueError(f"`kind` must be 'title', 'explain', 'text' or 'html', got {kind!r}.")
+    _RENDERERS[kind] = fn
+
+
+def _renderer(kind: str) -> Callable[..., str]:
+    fn = _RENDERERS.get(kind)
+    if fn is None:  # pragma: no cover - `import gradguard` installs every renderer
+        raise RuntimeError(f"no {kind!r} renderer installed: import gradguard first.")
+    return fn
 
 
 class Severity(str, Enum):
@@ -66,9 +92,15 @@ class Trial(_FlatFields):
         findings: codes of the findings that remain after the remedy.
         resolved: codes of the baseline findings this remedy made disappear.
         introduced: codes of findings that appeared with the remedy and not before.
-        improved: whether gradient flow or the loss measurably improved on the baseline.
+        improved: whether the remedy helped (``verdict == "helps"``).
         score: the ranking key (higher is better); trials are sorted by it.
         loss_curve: the loss at each step of the trial run.
+        verdict: ``"helps"`` (the loss ended at least 10 % and two standard errors below the
+            untreated run's), ``"worse"`` (the same the other way, or it diverged), ``"no_gain"``;
+            ``""`` when not applied.
+        relative_loss: the trial's loss over the untreated run's, on the last quarter of the
+            same steps (NaN when not comparable).
+        factor: the learning-rate factor chosen by a learning-rate search (NaN otherwise).
     """
 
     remedy: str
@@ -84,6 +116,9 @@ class Trial(_FlatFields):
     improved: bool = False
     score: float = -math.inf
     loss_curve: list[float] = field(default_factory=list)
+    verdict: str = ""
+    relative_loss: float = math.nan
+    factor: float = math.nan
 
 
 @dataclass
@@ -113,15 +148,11 @@ class Finding:
 
     def title(self, lang: str = "en") -> str:
         """The finding's title in ``lang`` (``"en"`` or ``"ko"``)."""
-        from gradguard import messages
-
-        return messages.finding_title(self.code, lang)
+        return _renderer("title")(self.code, lang)
 
     def explain(self, lang: str = "en") -> str:
         """The explanation with this finding's evidence filled in."""
-        from gradguard import messages
-
-        return messages.finding_text(self, lang)
+        return _renderer("explain")(self, lang)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -213,6 +244,12 @@ class Report:
         """The finding codes, in report order."""
         return [f.code for f in self.findings]
 
+    @property
+    def prescription(self) -> Trial | None:
+        """The remedy trial that helped most, whichever finding proposed it (None when no trial
+        helped)."""
+        return next((t for t in self.trials if t.applied and t.verdict == "helps"), None)
+
     def finding(self, code: str) -> Finding | None:
         """The first finding with ``code``, or None."""
         return next((f for f in self.findings if f.code == code), None)
@@ -224,9 +261,7 @@ class Report:
 
         The library never prints: print the returned string yourself (the CLI does).
         """
-        from gradguard import messages
-
-        return messages.render_report(self, lang)
+        return _renderer("text")(self, lang)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -292,9 +327,7 @@ class Report:
         Returns:
             The HTML text.
         """
-        from gradguard.report.plots import report_html
-
-        text = report_html(self, lang=lang)
+        text = _renderer("html")(self, lang=lang)
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text

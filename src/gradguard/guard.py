@@ -733,10 +733,12 @@ class Guard:
     def findings(self) -> list[Any]:
         """What the recorded run went through, from :attr:`history` (flush first for the latest
         rows): incidents with what the Guard did, level shifts, and the per-layer findings, with
-        advice that accounts for what the Guard already does (:mod:`gradguard.recorded`)."""
+        advice that accounts for what the Guard already does (:mod:`gradguard.recorded`). The
+        model's structure (embeddings, tied weights) is judged by rules of its own."""
+        from gradguard.doctor.probes import structure_summary
         from gradguard.recorded import findings
 
-        return findings(self._history)
+        return findings(self._history, structure_summary(self.model))
 
     def close(self) -> None:
         """Flush, then close every sink that has ``close()``."""

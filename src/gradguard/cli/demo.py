@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                           lang=lang, seed=args.seed, progress=update)
     print_report(con, report, lang)
 
-    best = next((t for t in report.trials if t.applied and t.improved), None)
+    best = report.prescription
     per_epoch = len(x_tr) // 64
     train = _batches(x_tr, y_tr, epochs * per_epoch, 64, args.seed + 1)
     base_model = copy.deepcopy(model)
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         _train(base_model, base_opt, train, None, lambda d: update("baseline", d, len(train)))
         if best is not None:
-            pres = prescribe(model, best.remedy, batches[0], opt)
+            pres = prescribe(model, best.remedy, batches[0], opt, lr_factor=best.factor)
             clip = report.metadata.get("clip_norm") if pres.clip else None
             torch.manual_seed(args.seed)
             _train(pres.model, pres.optimizer, train, clip,

@@ -4,7 +4,9 @@ The factory takes no arguments and returns the model, the loss function and the 
 optionally an optimizer, either
 
 * as a tuple ``(model, loss_fn, data)`` or ``(model, loss_fn, data, optimizer)``, or
-* as a dict with keys ``model``, ``loss_fn``, ``data`` and optionally ``optimizer`` and ``steps``.
+* as a dict with keys ``model``, ``loss_fn``, ``data`` and optionally ``optimizer``, ``steps``,
+  ``step_fn`` (then ``loss_fn`` may be left out), ``scheduler`` and ``clip`` — the arguments of
+  :func:`gradguard.diagnose` of the same names.
 
 ``data`` is one ``(inputs, targets)`` batch or an iterable of them, exactly as for
 :func:`gradguard.diagnose`. Example::
@@ -39,7 +41,7 @@ from gradguard.cli._render import (
 
 HELP = "diagnose a model built by FILE_OR_MODULE:FACTORY (vanishing/exploding gradients, causes, remedies)"
 
-_KEYS = ("model", "loss_fn", "data", "optimizer", "steps")
+_KEYS = ("model", "loss_fn", "data", "optimizer", "steps", "step_fn", "scheduler", "clip")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="apply each plausible remedy to a fresh copy and measure its effect")
     add_report_files(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the doctor's runs (default 0)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="time budget: remedies not started by then are listed as not tried")
     add_lang(parser)
     parser.epilog = ("exit status: 0 no error-level finding, 1 at least one, 2 a usage error. "
                      "example: gradguard doctor sick.py:make --try-remedies --lang ko")
@@ -106,11 +110,13 @@ def unpack(result: Any, spec: str) -> dict[str, Any]:
     """Normalise a factory's return value to a dict with model, loss_fn, data, optimizer, steps."""
     if isinstance(result, dict):
         unknown = sorted(set(result) - set(_KEYS))
-        missing = [k for k in ("model", "loss_fn", "data") if k not in result]
+        need = ("model", "data") if "step_fn" in result else ("model", "loss_fn", "data")
+        missing = [k for k in need if k not in result]
         if unknown or missing:
             _fail(
                 f"error: the dict returned by {spec} must have keys model, loss_fn, data "
-                f"(and optionally optimizer, steps); missing {missing}, unknown {unknown}."
+                f"(and optionally optimizer, steps, step_fn, scheduler, clip); missing "
+                f"{missing}, unknown {unknown}."
             )
         out = dict(result)
     elif isinstance(result, (tuple, list)) and len(result) in (3, 4):
@@ -134,8 +140,10 @@ def run(args: argparse.Namespace) -> int:
         setup = unpack(load_factory(args.target)(), args.target)
         steps = args.steps if args.steps is not None else int(setup.get("steps") or 30)
         with progress_bar(con, "doctor") as update:
-            report = diagnose(setup["model"], setup["loss_fn"], setup["data"],
+            report = diagnose(setup["model"], setup.get("loss_fn"), setup["data"],
                               setup["optimizer"], steps=steps, try_remedies=args.try_remedies,
+                              step_fn=setup.get("step_fn"), scheduler=setup.get("scheduler"),
+                              clip=setup.get("clip"), max_seconds=args.max_seconds,
                               lang=args.lang, seed=args.seed, progress=update)
     except (UsageError, TypeError, ValueError) as e:
         return error(str(e))

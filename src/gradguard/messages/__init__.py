@@ -12,6 +12,7 @@ import math
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from gradguard.findings import set_renderer
 from gradguard.messages import en, ko
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ def finding_variant(f: Finding) -> str:
         return "diverged" if ev.get("went_nonfinite") else "text"
     if f.code in ("loss_spike", "level_shift"):
         return str(ev.get("series", "loss"))
+    if f.code == "loss_divergence":
+        return "recovered" if ev.get("recovered") else "text"
     return "text"
 
 
@@ -236,7 +239,10 @@ def trial_effect(t: Trial, lang: str = "en") -> str:
     """One phrase: "improves", "no gain", or why it was not tried (+ the findings it resolves)."""
     if not t.applied:
         return note_text(t.note, lang)
-    word = ui("improves" if t.improved else "no_gain", lang)
+    word = ui("improves" if t.improved else ("worse" if t.verdict == "worse" else "no_gain"),
+              lang)
+    if math.isfinite(t.factor):
+        word += "; " + ui("lr_factor", lang, factor=fmt_num(t.factor))
     if t.resolved:
         word += "; " + ui("resolves", lang, codes=", ".join(t.resolved))
     return word
@@ -276,6 +282,11 @@ def render_report(report: Report, lang: str | None = None) -> str:
             lines.extend("       " + s for s in remedy_snippet(top, lang).splitlines())
         lines.append("")
     if report.trials:
+        best = report.prescription
+        if best is not None:
+            lines.append(ui("prescription", lang, remedy=remedy_title(best.remedy, lang),
+                            rel=fmt_num(best.relative_loss)))
+            lines.append("")
         lines.append(ui("trials", lang))
         lines.append(ui("trials_intro", lang))
         header = [ui("col_remedy", lang), ui("col_flow", lang), ui("col_loss", lang),
@@ -310,3 +321,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = [line(header), line(["-" * w for w in widths])]
     out.extend(line(r) for r in rows)
     return out
+
+
+set_renderer("title", finding_title)
+set_renderer("explain", finding_text)
+set_renderer("text", render_report)

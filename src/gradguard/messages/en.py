@@ -510,3 +510,116 @@ STORY: dict[str, str] = {
     "not_recovered": "not recovered",
     "nothing": "nothing to report",
 }
+# -- added with the doctor package (issue 10) -------------------------------------------------------
+FINDINGS.update({
+    "loss_divergence": {
+        "title": "Loss diverging",
+        "text": {
+            "text": (
+                "The loss climbed from {before} to {after} (×{factor}) from step {first_step} on "
+                "and did not come back down: training is moving away from a solution."
+            ),
+            "recovered": (
+                "The loss climbed from {before} to {after} (×{factor}) at step {first_step} and "
+                "stayed up for {length} steps before it came back down."
+            ),
+        },
+    },
+    "loss_scale": {
+        "title": "Loss summed, not averaged",
+        "text": {
+            "text": (
+                "A whole batch gives {batch_ratio} times the loss of half of it: the loss is "
+                "summed over the batch, so its gradient and the effective "
+                "learning rate grow with the batch size, and this run is unstable."
+            ),
+        },
+    },
+})
+
+CAUSES.update({
+    "half_precision": {
+        "title": "half precision",
+        "text": "float16/bfloat16 has a small range (fp16 overflows past 65504) or few bits: "
+                "logits and losses computed in it overflow or round away.",
+    },
+    "unscaled_data": {
+        "title": "unscaled data",
+        "text": "Inputs or targets far from unit scale make the first layer's gradient (or the "
+                "loss) huge next to the others, so no single learning rate fits.",
+    },
+    "summed_loss": {
+        "title": "loss summed over the batch",
+        "text": "reduction='sum' scales the gradient with the batch (and sequence) size.",
+    },
+    "closed_forget_gate": {
+        "title": "closed forget gate",
+        "text": "An LSTM whose forget-gate bias starts negative forgets its state at every step, "
+                "so no gradient flows back through time.",
+    },
+})
+
+REMEDIES.update({
+    "layer_norm": {
+        "title": "add LayerNorm",
+        "text": "Normalise each example's features (LayerNorm or RMSNorm): it suits sequences, "
+                "recurrent nets and transformers, where batch statistics do not.",
+        "snippet": (
+            "self.norm = nn.LayerNorm(hidden)\n"
+            "out, h = self.rnn(x, h)\n"
+            "out = self.norm(out)"
+        ),
+    },
+    "pre_ln": {
+        "title": "Pre-LN transformer layers",
+        "text": "Put each LayerNorm before its attention/MLP sublayer (Pre-LN): the residual path "
+                "stays an identity and the gradient reaches the first layers at any depth.",
+        "snippet": "nn.TransformerEncoderLayer(d_model, nhead, norm_first=True)",
+    },
+    "forget_gate_bias": {
+        "title": "open the LSTM forget gate (bias +1)",
+        "text": "Start the forget-gate bias at +1 so that the cell keeps its state and the "
+                "gradient flows back through time (Gers et al. 2000; Jozefowicz et al. 2015).",
+        "snippet": (
+            "h = lstm.hidden_size\n"
+            "with torch.no_grad():\n"
+            "    lstm.bias_ih_l0[h:2 * h].fill_(1.0)\n"
+            "    lstm.bias_hh_l0[h:2 * h].zero_()"
+        ),
+    },
+    "fp32_logits": {
+        "title": "logits and loss in float32",
+        "text": "Compute the output layer and the loss in float32 (keep the rest in half "
+                "precision): that is where the values are largest.",
+        "snippet": (
+            "logits = self.head(x.float())        # head kept in float32: model.head.float()\n"
+            "loss = F.cross_entropy(logits.float(), y)"
+        ),
+    },
+    "standardize_data": {
+        "title": "standardise the data",
+        "text": "Scale every input feature (and regression targets) to mean 0 and standard "
+                "deviation 1, with statistics from the training set.",
+        "snippet": (
+            "mu, sd = X_train.mean(0), X_train.std(0)\n"
+            "X_train, X_test = (X_train - mu) / sd, (X_test - mu) / sd\n"
+            "# regression: y = (y - y_mu) / y_sd, predictions * y_sd + y_mu"
+        ),
+    },
+    "mean_reduction": {
+        "title": "average the loss (reduction='mean')",
+        "text": "Average the loss over the batch (and tokens) instead of summing it, so that its "
+                "gradient does not grow with the batch size.",
+        "snippet": "loss = F.cross_entropy(logits, y, reduction='mean')",
+    },
+})
+
+NOTES.update({
+    "time_budget": "not tried (max_seconds reached)",
+})
+
+UI.update({
+    "worse": "worse",
+    "prescription": "Prescription: {remedy} — the loss ended at {rel} of the untreated run's.",
+    "lr_factor": "learning rate ×{factor}",
+})

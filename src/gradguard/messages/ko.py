@@ -508,3 +508,113 @@ STORY: dict[str, str] = {
     "not_recovered": "회복되지 않음",
     "nothing": "보고할 것 없음",
 }
+# -- 닥터 패키지와 함께 추가 (issue 10) ---------------------------------------------------------------
+from gradguard.messages import en as _en  # noqa: E402  (snippets that are code only)
+
+FINDINGS.update({
+    "loss_divergence": {
+        "title": "손실 발산",
+        "text": {
+            "text": (
+                "손실이 {first_step} 스텝부터 {before}에서 {after}(×{factor})로 올라간 뒤 "
+                "내려오지 않았습니다. 학습이 해에서 멀어지고 있습니다."
+            ),
+            "recovered": (
+                "손실이 {first_step} 스텝에서 {before}에서 {after}(×{factor})로 올라가 "
+                "{length} 스텝 동안 머문 뒤 내려왔습니다."
+            ),
+        },
+    },
+    "loss_scale": {
+        "title": "평균이 아니라 합으로 계산된 손실",
+        "text": {
+            "text": (
+                "배치 전체의 손실이 절반 배치의 {batch_ratio}배입니다. 손실이 배치에 대해 "
+                "합산되어 그래디언트와 실질 학습률이 배치 크기에 비례해 "
+                "커지며, 이 실행은 불안정합니다."
+            ),
+        },
+    },
+})
+
+CAUSES.update({
+    "half_precision": {
+        "title": "반정밀도",
+        "text": "float16/bfloat16은 범위(fp16은 65504를 넘으면 오버플로)나 정밀도가 작아, "
+                "그 안에서 계산한 로짓과 손실이 넘치거나 반올림으로 사라집니다.",
+    },
+    "unscaled_data": {
+        "title": "스케일이 맞지 않은 데이터",
+        "text": "입력이나 타깃이 단위 스케일에서 멀면 첫 층의 그래디언트(또는 손실)가 다른 "
+                "층보다 훨씬 커져서 하나의 학습률로 맞출 수 없습니다.",
+    },
+    "summed_loss": {
+        "title": "배치에 대해 합산된 손실",
+        "text": "reduction='sum'은 그래디언트를 배치(와 시퀀스) 크기에 비례해 키웁니다.",
+    },
+    "closed_forget_gate": {
+        "title": "닫힌 망각 게이트",
+        "text": "망각 게이트 바이어스가 음수로 시작한 LSTM은 매 스텝 상태를 잊어버려서 "
+                "시간을 거슬러 그래디언트가 흐르지 않습니다.",
+    },
+})
+
+REMEDIES.update({
+    "layer_norm": {
+        "title": "LayerNorm 추가",
+        "text": "각 예제의 특성을 정규화합니다(LayerNorm 또는 RMSNorm). 배치 통계가 맞지 않는 "
+                "시퀀스, 순환 신경망, 트랜스포머에 알맞습니다.",
+        "snippet": (
+            "self.norm = nn.LayerNorm(hidden)\n"
+            "out, h = self.rnn(x, h)\n"
+            "out = self.norm(out)"
+        ),
+    },
+    "pre_ln": {
+        "title": "Pre-LN 트랜스포머 층",
+        "text": "각 LayerNorm을 어텐션/MLP 하위 층 앞에 둡니다(Pre-LN). 잔차 경로가 항등으로 "
+                "남아 깊이와 관계없이 그래디언트가 첫 층까지 닿습니다.",
+        "snippet": "nn.TransformerEncoderLayer(d_model, nhead, norm_first=True)",
+    },
+    "forget_gate_bias": {
+        "title": "LSTM 망각 게이트 열기 (바이어스 +1)",
+        "text": "망각 게이트 바이어스를 +1로 시작해 셀이 상태를 유지하고 그래디언트가 시간을 "
+                "거슬러 흐르게 합니다(Gers 외 2000; Jozefowicz 외 2015).",
+        "snippet": _en.REMEDIES["forget_gate_bias"]["snippet"],  # code reads the same
+    },
+    "fp32_logits": {
+        "title": "로짓과 손실을 float32로",
+        "text": "출력 층과 손실은 float32로 계산합니다(나머지는 반정밀도 유지). 값이 가장 큰 "
+                "곳이 바로 거기입니다.",
+        "snippet": (
+            "logits = self.head(x.float())        # 헤드는 float32로: model.head.float()\n"
+            "loss = F.cross_entropy(logits.float(), y)"
+        ),
+    },
+    "standardize_data": {
+        "title": "데이터 표준화",
+        "text": "학습 세트의 통계로 모든 입력 특성(과 회귀 타깃)을 평균 0, 표준편차 1로 "
+                "맞춥니다.",
+        "snippet": (
+            "mu, sd = X_train.mean(0), X_train.std(0)\n"
+            "X_train, X_test = (X_train - mu) / sd, (X_test - mu) / sd\n"
+            "# 회귀: y = (y - y_mu) / y_sd, 예측값 * y_sd + y_mu"
+        ),
+    },
+    "mean_reduction": {
+        "title": "손실 평균 (reduction='mean')",
+        "text": "손실을 배치(와 토큰)에 대해 합하지 말고 평균을 내어, 그래디언트가 배치 크기에 "
+                "따라 커지지 않게 합니다.",
+        "snippet": "loss = F.cross_entropy(logits, y, reduction='mean')",
+    },
+})
+
+NOTES.update({
+    "time_budget": "시도하지 않음 (max_seconds 도달)",
+})
+
+UI.update({
+    "worse": "나빠짐",
+    "prescription": "처방: {remedy} — 손실이 처치하지 않은 실행의 {rel}배로 끝났습니다.",
+    "lr_factor": "학습률 ×{factor}",
+})

@@ -17,6 +17,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from gradguard import messages as M
+from gradguard.findings import set_renderer
 from gradguard.report.html import escape, figure_tag, page, table
 
 if TYPE_CHECKING:
@@ -221,3 +222,6 @@ def report_html(report: Report, lang: str | None = None) -> str:
                for k, v in report.metadata.items()]
     body.append(table(["", ""], md_rows))
     return page(M.ui("report_title", lang), "".join(body), lang=lang)
+
+
+set_renderer("html", report_html)

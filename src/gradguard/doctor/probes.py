@@ -20,7 +20,7 @@ call to the module whose ``forward`` is running. Recurrent modules (``nn.RNN``, 
 their input, which shows gradients vanishing or exploding through time.
 
 :meth:`Probe.summary` reads everything back with one host sync and returns a
-:class:`ProbeSummary` (plain Python numbers) for :mod:`gradguard.detect`. Hooks are removed when
+:class:`ProbeSummary` (plain Python numbers) for :mod:`gradguard.doctor.detectors`. Hooks are removed when
 the ``with`` block ends, also on an exception.
 """
 
@@ -44,6 +44,7 @@ __all__ = [
     "TemporalStats",
     "activation_kind",
     "param_infos",
+    "structure_summary",
 ]
 
 #: A unit counts as "pinned" where the activation's derivative is below this share of its peak.
@@ -160,11 +161,14 @@ class TemporalStats:
         op: its class name.
         grad_norm: per time step (first to last), the RMS over sampled backward passes of the
             gradient norm at that step's input.
+        forget_bias: for an LSTM, the mean forget-gate bias of its first layer
+            (``bias_ih + bias_hh``; below about -1 the gate starts mostly closed); NaN otherwise.
     """
 
     module: str
     op: str
     grad_norm: list[float] = field(default_factory=list)
+    forget_bias: float = math.nan
 
 
 @dataclass
@@ -177,6 +181,8 @@ class ParamInfo:
         module_type: the owning module's class name.
         shape: the parameter's shape.
         norm: the parameter's L2 norm when the probe summary was taken.
+        shared_with: the other modules that hold the same tensor (tied weights, e.g. an
+            embedding and the output head); empty when not shared.
     """
 
     name: str
@@ -184,6 +190,7 @@ class ParamInfo:
     module_type: str
     shape: list[int]
     norm: float = math.nan
+    shared_with: list[str] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -204,6 +211,11 @@ class ProbeSummary:
             column that is all NaN reads as "the loss was NaN", not as "not recorded".
         initial: the same summary for an earlier window (the first steps), when the caller
             took one; detectors compare the two (e.g. units that died during training).
+        forward: False for a summary of the structure alone (:func:`structure_summary`): no
+            forward pass was sampled, so no site was seen.
+        loss_batch_ratio: the loss of a whole batch over that of its first half, at the starting
+            weights (about 2 when the loss is summed over the batch, 1 for a mean); NaN when not
+            measured.
     """
 
     sites: list[SiteStats] = field(default_factory=list)
@@ -213,6 +225,8 @@ class ProbeSummary:
     module_order: list[str] = field(default_factory=list)
     loss_recorded: bool = False
     initial: ProbeSummary | None = None
+    forward: bool = True
+    loss_batch_ratio: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, dicts, numbers) for JSON."""
@@ -229,6 +243,8 @@ class ProbeSummary:
             module_order=list(d.get("module_order", [])),
             loss_recorded=bool(d.get("loss_recorded", False)),
             initial=cls.from_dict(d["initial"]) if d.get("initial") else None,
+            forward=bool(d.get("forward", True)),
+            loss_batch_ratio=float(d.get("loss_batch_ratio", math.nan)),
         )
 
 
@@ -238,9 +254,12 @@ def param_infos(model: nn.Module) -> list[ParamInfo]:
     One host sync for all the norms.
     """
     owners: dict[int, tuple[str, str]] = {}
-    for mname, mod in model.named_modules():
+    holders: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
         for _, p in mod.named_parameters(recurse=False):
             owners.setdefault(id(p), (mname, type(mod).__name__))
+            if mname not in holders.setdefault(id(p), []):
+                holders[id(p)].append(mname)
     named = list(model.named_parameters())
     if not named:
         return []
@@ -251,8 +270,29 @@ def param_infos(model: nn.Module) -> list[ParamInfo]:
     out = []
     for (name, p), n in zip(named, norms):
         mname, mtype = owners.get(id(p), ("", type(model).__name__))
-        out.append(ParamInfo(name, mname, mtype, list(p.shape), float(n)))
+        shared = [h for h in holders.get(id(p), []) if h != mname]
+        out.append(ParamInfo(name, mname, mtype, list(p.shape), float(n), shared))
     return out
+
+
+def structure_summary(model: nn.Module) -> ProbeSummary:
+    """What a model's structure alone says (parameter shapes, owning module types, tied weights),
+    for detectors reading a recorded run without a forward pass (``Guard.findings()``)."""
+    return ProbeSummary(params=param_infos(model), forward=False)
+
+
+def _forget_bias(model: nn.Module, name: str) -> float:
+    """Mean forget-gate bias of an LSTM's first layer (NaN for other modules or no bias)."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        return math.nan
+    if not isinstance(mod, nn.LSTM) or not mod.bias:
+        return math.nan
+    h = mod.hidden_size
+    with torch.no_grad():
+        b = (mod.bias_ih_l0 + mod.bias_hh_l0)[h:2 * h]
+        return float(b.float().mean())  # [sync] once per recurrent module per summary
 
 
 class _Acc:
@@ -325,7 +365,7 @@ class Probe:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from gradguard.probe import Probe
+        >>> from gradguard.doctor.probes import Probe
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
         >>> with Probe(net) as probe:
         ...     _ = net(torch.randn(16, 4))
@@ -586,6 +626,7 @@ class Probe:
             k = b.numel()
             vals = values[pos:pos + k]
             pos += k
-            temporal.append(TemporalStats(name, op, [math.sqrt(v / n) for v in vals]))
+            temporal.append(TemporalStats(name, op, [math.sqrt(v / n) for v in vals],
+                                          _forget_bias(self.model, name)))
         return ProbeSummary(sites=sites, temporal=temporal, params=param_infos(self.model),
                             batches=self._batches, module_order=list(self._module_order))
