@@ -37,13 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_positive
-from gradguard._plan import ParamPlan
+from gradguard._plan import ParamPlan, display_name
 from gradguard.distributed import has_dtensor, sharded_update_ratio, step_stats
 from gradguard.history import History, HistoryBuffer
 from gradguard.policies import ClipPolicy, FixedClip
 from gradguard.sinks import call_sinks
 from gradguard.spike import SpikePolicy
-from gradguard.stats import use_foreach
+from gradguard.stats import UnsupportedGradient, use_foreach
 
 __all__ = ["Guard", "GuardError", "StepOutcome"]
 
@@ -115,6 +115,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np = sys.modules.get("numpy")
     if np is not None and "numpy" in state:
         np.random.set_state(state["numpy"])
+
+
+def _param_count(optimizer: Any) -> int:
+    return sum(len(g["params"]) for g in optimizer.param_groups)
 
 
 def _is_scheduler(obj: Any) -> bool:
@@ -264,6 +268,7 @@ class Guard:
         self.process_group = process_group
 
         plan = self._plan
+        self._watch_trainable_set(model)
         if self.clip is not None:
             self.clip.bind(model, plan)
         if self.spike is not None:
@@ -277,8 +282,10 @@ class Guard:
         self._inf = torch.full((), math.inf, dtype=plan.norm_dtype, device=plan.device)
         self._nan = torch.full((), math.nan, dtype=plan.norm_dtype, device=plan.device)
         self._checked_optimizers: set[int] = set()
+        self._optimizer_sizes: dict[int, int] = {}
         self._consts: dict[float, Tensor] = {}
         self._found_inf_ok: set[int] = set()
+        self._checked_scaler: int | None = None
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
         self._snapshots: deque[_Snapshot] = deque(maxlen=self.spike.keep if self.spike else 1)
@@ -315,6 +322,40 @@ class Guard:
         """The LR multiplier the next step will use (1.0 outside a back-off)."""
         return self.spike.lr_scale(self._step) if self.spike is not None else 1.0
 
+    # -- doors: what may change between steps, checked cheaply every step ------------------------
+    def _watch_trainable_set(self, model: nn.Module) -> None:
+        """Remember the parameters that were frozen when the plan was built.
+
+        A parameter unfrozen later would never be checked, so a NaN in its gradient would reach
+        the weights. Each step tests ``requires_grad`` of these (a fully trainable model has none:
+        no cost) and the optimizer's parameter count (one ``len`` per param group); there is no
+        walk over every parameter.
+        """
+        planned = {id(p) for p in self._plan.params}
+        self._frozen = tuple((display_name(n), p) for n, p in model.named_parameters()
+                             if id(p) not in planned)
+
+    def _check_step_inputs(self, optimizer: Any, scaler: Any) -> None:
+        for name, p in self._frozen:
+            if p.requires_grad:
+                raise GuardError(
+                    f"parameter {name!r} was frozen when the Guard was built and is trainable "
+                    "now; the Guard would not check its gradient, so a NaN there would reach the "
+                    "weights. Build a new Guard after changing which parameters train "
+                    "(guard = gg.Guard(model, ...)), or build it after unfreezing."
+                )
+        if _param_count(optimizer) != self._optimizer_sizes.get(id(optimizer)):
+            self._checked_optimizers.discard(id(optimizer))  # a param group was added: re-check
+            self._check_optimizer(optimizer)
+        if scaler is not None and id(scaler) != self._checked_scaler:
+            if not isinstance(scaler, torch.amp.GradScaler):
+                raise TypeError(
+                    f"`scaler` must be a torch.amp.GradScaler (or None), got "
+                    f"{type(scaler).__name__}: {scaler!r:.60}. Pass the GradScaler you call "
+                    "scaler.scale(loss).backward() with."
+                )
+            self._checked_scaler = id(scaler)
+
     # -- the step -------------------------------------------------------------------------------
     def _check_optimizer(self, optimizer: Any) -> None:
         if id(optimizer) in self._checked_optimizers:
@@ -327,13 +368,16 @@ class Guard:
         stray = [p for g in optimizer.param_groups for p in g["params"]
                  if p.requires_grad and id(p) not in planned]
         if stray:
+            names = {id(p): display_name(n) for n, p in self.model.named_parameters()}
+            first = names.get(id(stray[0]), f"of shape {tuple(stray[0].shape)}")
             raise ValueError(
-                f"the optimizer updates {len(stray)} parameter(s) that are not trainable "
-                "parameters of the Guard's `model` (first shape: "
-                f"{tuple(stray[0].shape)}); their gradients would go unchecked. Build the Guard "
-                "on the module that owns every parameter the optimizer steps."
+                f"the optimizer updates {len(stray)} parameter(s) that the Guard does not check "
+                f"(the first: {first!r}), so a NaN in their gradients would reach the weights. "
+                "Build the Guard on the module that owns every parameter the optimizer steps, "
+                "after setting which parameters train (build a new Guard after unfreezing)."
             )
         self._checked_optimizers.add(id(optimizer))
+        self._optimizer_sizes[id(optimizer)] = _param_count(optimizer)
 
     def _needs_host_each_step(self, optimizer: Any, fused: bool) -> bool:
         if not fused or self.scheduler is not None or not self._found_inf_safe(optimizer):
@@ -358,6 +402,12 @@ class Guard:
                     for p in group["params"] if p.grad is not None
                 ):
                     return False
+        elif any(not optimizer.state.get(p) for group in optimizer.param_groups
+                 for p in group["params"] if p.grad is not None):
+            # Fused Adam/AdamW/Adagrad create their state (step 0, zero moments) even on a step
+            # skipped through found_inf; a skipped first step must leave opt.state empty, as if
+            # it never ran, so the first step of a fresh state takes the one-sync path.
+            return False
         self._found_inf_ok.add(id(optimizer))
         return True
 
@@ -481,6 +531,7 @@ class Guard:
                 ``on_nonfinite="raise"``), or more than ``max_rollbacks`` rollbacks.
         """
         self._check_optimizer(optimizer)
+        self._check_step_inputs(optimizer, scaler)
         self._last_optimizer, self._last_scaler = optimizer, scaler
         if defer_step and (self.scheduler is not None or scaler is not None):
             raise ValueError(
@@ -496,10 +547,16 @@ class Guard:
 
         found_inf = self._unscale(optimizer, scaler)
         plan = self._plan
+        step_idx0 = self._step
         grads = plan.grads()
         # One pass; across ranks, one packed all-reduce (norms, flag, mean loss agree everywhere).
-        stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
-                                   self.process_group, self.foreach)
+        try:
+            stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
+                                       self.process_group, self.foreach,
+                                       verify_loss=step_idx0 == 0)
+        except UnsupportedGradient as e:
+            raise TypeError(f"parameter {plan.names[e.index]!r} has a {e.what} gradient, which "
+                            "gradguard cannot measure or clip; make it dense.") from None
         dev = stats.global_norm.device
         nonfinite = stats.nonfinite
         if found_inf is not None:
