@@ -862,8 +862,11 @@ class Guard:
             "observed": list(self._observed),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned, into a Guard built the same way."""
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned, into a Guard built the same way.
+
+        ``strict`` is handed to the clip policy: its settings must equal the checkpoint's (see
+        :meth:`ClipPolicy.load_state_dict`)."""
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"unsupported Guard state version {state_dict.get('version')!r}; this gradguard "
@@ -886,6 +889,8 @@ class Guard:
                 "the checkpoint's Guard and this one differ in `spike` (one has a SpikePolicy, the "
                 "other not); construct it the same way."
             )
+        if self.clip is not None:  # first: a mismatching policy raises before anything changes
+            self.clip.load_state_dict(state_dict["policy"], strict=strict)
         self._step = int(state_dict["step"])
         c = state_dict["counters"]
         self.consecutive_nonfinite = c["consecutive_nonfinite"]
@@ -894,8 +899,6 @@ class Guard:
         self.last_finite = c["last_finite"]
         self.last_nonfinite_step = c["last_nonfinite_step"]
         self._run_start = c["run_start"]
-        if self.clip is not None:
-            self.clip.load_state_dict(state_dict["policy"])
         if self.spike is not None:
             self.spike.load_state_dict(state_dict["spike"])
         self._buffer.load_state_dict(state_dict["history"])

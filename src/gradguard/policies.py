@@ -35,15 +35,24 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from gradguard._checks import check_choice, check_int, check_norm_type, check_positive, check_probability
+from gradguard._checks import (
+    check_choice,
+    check_int,
+    check_norm_type,
+    check_positive,
+    check_probability,
+    check_state_config,
+    check_state_tensors,
+)
 from gradguard._ema import warmup_then_ema
 from gradguard._plan import ParamPlan
 from gradguard.clip import _check_eps, clip_coef, scale_
 from gradguard.stats import GradStats, acc_dtype
 
+log = logging.getLogger(__name__)
+
 __all__ = ["AGC", "AutoClip", "ClipPolicy", "FixedClip", "ValueClip", "ZClip"]
 
-log = logging.getLogger(__name__)
 
 
 def _stat_dtype(device: torch.device) -> torch.dtype:
@@ -120,8 +129,15 @@ class ClipPolicy:
             state = {k: v.detach().clone() for k, v in self.state._asdict().items()}
         return {"policy": type(self).__name__, "config": self._config(), "state": state}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (onto this policy's device)."""
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned (onto this policy's device).
+
+        Args:
+            state_dict: from :meth:`state_dict` (e.g. ``torch.load(..., weights_only=True)``).
+            strict: the checkpoint's settings must equal this policy's (a ``ValueError`` names
+                each difference). ``False`` loads the state anyway with a warning; shapes are
+                checked either way.
+        """
         kind = state_dict.get("policy")
         if kind != type(self).__name__:
             raise ValueError(
@@ -129,22 +145,15 @@ class ClipPolicy:
                 f"{type(self).__name__}; construct the Guard with the same `clip` policy it was "
                 "saved with."
             )
-        cfg = state_dict.get("config", {})
-        if cfg != self._config():
-            log.warning(
-                "%s: loading state saved with config %s into a policy configured as %s",
-                type(self).__name__, cfg, self._config(),
-            )
+        check_state_config(type(self).__name__, state_dict.get("config", {}), self._config(),
+                           strict=strict)
         saved = state_dict.get("state")
         if self.state is None or saved is None:
             return
-        fields = type(self.state)._fields
-        missing = [f for f in fields if f not in saved]
-        if missing:
-            raise ValueError(f"the checkpoint's {kind} state lacks {missing}; it is not from this version.")
         cur = self.state._asdict()
+        check_state_tensors(kind, saved, cur)
         self.state = type(self.state)(
-            **{f: saved[f].to(device=cur[f].device, dtype=cur[f].dtype).clone() for f in fields}
+            **{f: saved[f].to(device=cur[f].device, dtype=cur[f].dtype).clone() for f in cur}
         )
 
     def __repr__(self) -> str:
@@ -475,8 +484,8 @@ class AGC(ClipPolicy):
         sd["excluded"] = self.excluded if self._excluded is not None else None
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        super().load_state_dict(state_dict, strict)
         names = state_dict.get("excluded")
         if names is not None and self._plan is not None:
             self._remove_hooks()
