@@ -400,7 +400,7 @@ def test_kill_and_resume_is_exact(policy, fused):
     torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "guard": g2.state_dict()}, buf)
     del m2, o2, g2
     buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
+    ck = torch.load(buf, weights_only=True)
     m3, o3, g3 = fresh()
     m3.load_state_dict(ck["model"])
     o3.load_state_dict(ck["opt"])

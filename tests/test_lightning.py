@@ -343,7 +343,7 @@ def test_checkpoint_resume_restores_guard_state(tmp_path: Path) -> None:
     first_cb, _, trainer = _fit_epochs(tmp_path / "b", epochs=1)
     ckpt = tmp_path / "one_epoch.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)["callbacks"]["GradGuardCallback"]
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["GradGuardCallback"]
     _assert_state_equal(saved["guard"], first_cb.guard.state_dict())
     resumed_cb, resumed_model, _ = _fit_epochs(tmp_path / "c", epochs=2, ckpt=str(ckpt))
     # the resumed run continues exactly where the first stopped: same state as a straight run

@@ -224,7 +224,7 @@ def test_kill_and_resume_with_spike_ladder(ladder):
     buf = io.BytesIO()
     torch.save({"m": m2.state_dict(), "o": o2.state_dict(), "s": s2.state_dict(), "g": g2.state_dict()}, buf)
     buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
+    ck = torch.load(buf, weights_only=True)
     m3, o3, s3, g3 = fresh()
     m3.load_state_dict(ck["m"])
     o3.load_state_dict(ck["o"])

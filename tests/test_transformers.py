@@ -160,7 +160,7 @@ def test_checkpoint_and_resume_restore_the_guard(tmp_path: Path) -> None:
     _trainer(tmp_path / "b", [first], **kw).train()
     ckpt = tmp_path / "b" / "checkpoint-2"
     assert (ckpt / CHECKPOINT_FILE).exists()
-    saved = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    saved = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True)
     assert saved["step"] == 2
 
     resumed = GradGuardCallback(clip=gg.ZClip(warmup=1))

@@ -369,10 +369,11 @@ class Guard:
                  if p.requires_grad and id(p) not in planned]
         if stray:
             names = {id(p): display_name(n) for n, p in self.model.named_parameters()}
-            first = names.get(id(stray[0]), f"of shape {tuple(stray[0].shape)}")
+            first = (repr(names[id(stray[0])]) if id(stray[0]) in names
+                     else f"a parameter of shape {tuple(stray[0].shape)}, outside the model")
             raise ValueError(
                 f"the optimizer updates {len(stray)} parameter(s) that the Guard does not check "
-                f"(the first: {first!r}), so a NaN in their gradients would reach the weights. "
+                f"(the first: {first}), so a NaN in their gradients would reach the weights. "
                 "Build the Guard on the module that owns every parameter the optimizer steps, "
                 "after setting which parameters train (build a new Guard after unfreezing)."
             )

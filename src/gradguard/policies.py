@@ -45,7 +45,7 @@ from gradguard._checks import (
     check_state_tensors,
 )
 from gradguard._ema import warmup_then_ema
-from gradguard._plan import ParamPlan
+from gradguard._plan import ParamPlan, display_name
 from gradguard.clip import _check_eps, clip_coef, scale_
 from gradguard.stats import GradStats, acc_dtype
 
@@ -425,7 +425,7 @@ class AGC(ClipPolicy):
         head = model.get_submodule(module_name)
         ids = {id(p) for p in head.parameters()}
         self._excluded = {i for i, p in enumerate(plan.params) if id(p) in ids}
-        log.info("AGC: excluding head %r (%s): %s", module_name, how, self.excluded)
+        log.info("AGC: excluding head %r (%s): %s", display_name(module_name), how, self.excluded)
 
     def _fallback_head(self) -> None:
         model, _ = self._bound()
@@ -442,7 +442,7 @@ class AGC(ClipPolicy):
 
     @staticmethod
     def _resolve_names(model: nn.Module, plan: ParamPlan, names: Sequence[str]) -> set[int]:
-        modules = dict(model.named_modules())
+        modules = {display_name(k): m for k, m in model.named_modules()}
         out: set[int] = set()
         for n in names:
             if n in plan.names:
