@@ -39,6 +39,52 @@ def add_report_files(parser: Any) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
 
 
+def _unwritable(path: str, *, directory: bool) -> str | None:
+    """Why ``path`` cannot be written (None when it can), found without running anything.
+
+    A file is opened for appending (and removed again if it did not exist), so the check is the
+    real one, permissions, read-only mounts and root included; a directory must be creatable.
+    """
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if directory:
+        if p.exists() and not p.is_dir():
+            return f"{str(p)!r} exists and is not a directory."
+        probe = p
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            return f"cannot create or write in {str(p)!r} ({str(probe)!r} is not writable)."
+        return None
+    if p.is_dir():
+        return f"{str(p)!r} is a directory; give a file name, e.g. {str(p / 'report')!r}."
+    if not p.parent.is_dir():
+        return f"the folder {str(p.parent)!r} does not exist; create it first."
+    existed = p.exists()
+    try:
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        return f"cannot write {str(p)!r}: {e.strerror or e}."
+    if not existed:
+        p.unlink()
+    return None
+
+
+def check_outputs(args: Any) -> str | None:
+    """The first unwritable output of a command (``--html``, ``--json``, ``-o/--out``), or None."""
+    for flag, attr, directory in (("--html", "html", False), ("--json", "json", False),
+                                  ("--out", "out", True)):
+        value = getattr(args, attr, None)
+        if value:
+            why = _unwritable(str(value), directory=directory)
+            if why is not None:
+                return f"{flag}: {why}"
+    return None
+
+
 def write_report_files(con: Any, report: Report, args: Any) -> None:
     """Write the report where ``--json`` and ``--html`` ask, saying so in ``--lang``."""
     if args.json:

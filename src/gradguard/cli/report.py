@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN.jsonl", help="the history file")
     add_report_files(parser)
     add_lang(parser)
-    parser.epilog = "example: gradguard report runs/guard.jsonl --html report.html --lang ko"
+    parser.epilog = ("exit status: 0 no error-level finding, 1 at least one, 2 bad usage or input. "
+                     "example: gradguard report runs/guard.jsonl --html report.html --lang ko")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,10 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from gradguard.history import History
 
     con = console()
+    if Path(args.path).is_dir():
+        return error(f"{args.path!r} is a directory; pass the JSONL file a JSONLSink wrote.")
     try:
         history = History.from_jsonl(args.path)
-    except (FileNotFoundError, ValueError) as e:
-        return error(str(e))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        return error(f"{args.path!r} is not a gradguard history: {e}"
+                     if isinstance(e, UnicodeDecodeError) else str(e))
+    if len(history) == 0:
+        return error(f"{args.path!r} holds no steps; pass the JSONL file a JSONLSink wrote.")
     report = findings_from_history(history)
     report.metadata["lang"] = args.lang
     report.metadata["source"] = str(args.path)
