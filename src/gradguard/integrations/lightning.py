@@ -25,6 +25,11 @@ momentum, Adam moments and step counts stay bit-identical; weight decay is not a
 16-mixed the GradScaler still runs its ``step``/``update`` as usual (a no-op step; its
 scale backs off only if it found an Inf itself).
 
+**Contract for your own hook**: Lightning calls the LightningModule's ``on_before_optimizer_step``
+after every callback's, so on a cancelled step it finds every ``.grad`` set to None. Check
+``callback.last_outcome.skipped`` there, or read gradients in a callback listed before this one
+(docs/lightning.md shows both).
+
 What it cannot do, and why:
 
 * Lightning still counts a skipped step in ``trainer.global_step`` and still steps the LR
