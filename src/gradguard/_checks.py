@@ -7,6 +7,7 @@ reads a device tensor.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import numbers
@@ -21,6 +22,7 @@ __all__ = [
     "as_tensor_list",
     "check_state_config",
     "check_state_tensors",
+    "require",
     "check_choice",
     "check_int",
     "check_iterable",
@@ -30,6 +32,17 @@ __all__ = [
 ]
 
 log = logging.getLogger("gradguard")
+
+
+def require(module: str, extra: str) -> Any:
+    """Import the optional ``module`` or raise with the exact, one-line install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"this part of gradguard needs `{module.split('.')[0]}`: "
+            f'pip install "gradguard[{extra}]"'
+        ) from e
 
 _EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
 
