@@ -183,3 +183,18 @@ def test_error_finding_exits_1_and_lab_unknown_name_exits_2(
     (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n", encoding="utf-8")
     assert main(["report", str(tmp_path / "bad.jsonl")]) == 1
     assert main(["lab", "no_such_experiment"]) == 2
+
+
+@pytest.mark.parametrize("missing", ["rich", "matplotlib"])
+def test_core_only_install_names_the_extra_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = _history_file(tmp_path / "run.jsonl")
+    monkeypatch.setitem(sys.modules, missing, None)  # `import rich` now fails as if not installed
+    for name in [m for m in sys.modules if m.startswith(missing + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    argv = ["report", str(path), "--html", str(tmp_path / "r.html")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and missing in err
+    assert err.endswith('pip install "gradguard[report]"')

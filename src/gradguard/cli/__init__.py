@@ -85,13 +85,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return error("interrupted.")
+    except ImportError as e:  # a core-only install: name the extra, in one line
+        if "pip install" in str(e):  # gradguard's own message already says which extra
+            return error(str(e))
+        if (e.name or "").split(".")[0] in _REPORT_EXTRA:
+            return error(f'this command needs {e.name.split(".")[0]}: pip install "gradguard[report]"')
+        return _unexpected(e, args.debug)
     except Exception as e:  # the contract: one line, exit 2; --debug shows where
-        if args.debug:
-            traceback.print_exc()
-            return 2
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return error(f"{type(e).__name__}: {text}".rstrip(": ")
-                     + " (run again with --debug for the traceback)")
+        return _unexpected(e, args.debug)
+
+
+#: The top-level modules of the ``report`` extra (pyproject.toml); scikit-learn imports as sklearn.
+_REPORT_EXTRA = {"rich", "matplotlib", "numpy", "sklearn", "mnist1d"}
+
+
+def _unexpected(e: Exception, debug: bool) -> int:
+    from gradguard.cli._render import error
+
+    if debug:
+        traceback.print_exc()
+        return 2
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return error(f"{type(e).__name__}: {text}".rstrip(": ")
+                 + " (run again with --debug for the traceback)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,10 +20,18 @@ def console() -> Any:
 
 
 def error(msg: str) -> int:
-    """Print a usage error to stderr (no wrapping, no markup); returns exit status 2."""
-    from rich.console import Console
+    """Print a usage error to stderr (no wrapping, no markup); returns exit status 2.
+
+    Without rich (a core-only install) it prints plain text, so that the message saying to
+    install the ``report`` extra can be shown at all."""
+    import sys
 
     text = msg if msg.startswith("error:") else f"error: {msg}"
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(text, file=sys.stderr)
+        return 2
     Console(stderr=True, highlight=False).print(text, style="red", markup=False, soft_wrap=True)
     return 2
 
