@@ -273,3 +273,19 @@ def test_compiled_submodule_names() -> None:
     assert display_name("encoder._orig_mod.0.weight") == "encoder.0.weight"
     assert display_name("_orig_mod.head.bias") == "head.bias"
     assert display_name("orig_mod_layer.weight") == "orig_mod_layer.weight"
+
+
+def test_zclip_docs_statement_matches_the_package() -> None:
+    """docs/guard.md: zclip's README (and code) default max_grad_norm=1.0; only the docstring hints None."""
+    import importlib.metadata
+    import inspect
+    import re
+    from pathlib import Path
+
+    zclip = pytest.importorskip("zclip")
+    readme = importlib.metadata.metadata("zclip").get_payload()
+    assert re.search(r"\|\s*`max_grad_norm`\s*\|[^\n]*\|\s*`1\.0`\s*\|", readme)
+    assert inspect.signature(zclip.ZClip).parameters["max_grad_norm"].default == 1.0
+    assert "float or None" in inspect.getdoc(zclip.ZClip.__init__)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "guard.md").read_text(encoding="utf-8")
+    assert "README's\nparameter table" in doc and "README says" not in doc

@@ -344,6 +344,7 @@ class Guard:
                     "weights. Build a new Guard after changing which parameters train "
                     "(guard = gg.Guard(model, ...)), or build it after unfreezing."
                 )
+        self._check_optimizer(optimizer)
         if _param_count(optimizer) != self._optimizer_sizes.get(id(optimizer)):
             self._checked_optimizers.discard(id(optimizer))  # a param group was added: re-check
             self._check_optimizer(optimizer)
@@ -531,7 +532,6 @@ class Guard:
             GuardError: more than ``max_consecutive`` consecutive non-finite steps (with
                 ``on_nonfinite="raise"``), or more than ``max_rollbacks`` rollbacks.
         """
-        self._check_optimizer(optimizer)
         self._check_step_inputs(optimizer, scaler)
         self._last_optimizer, self._last_scaler = optimizer, scaler
         if defer_step and (self.scheduler is not None or scaler is not None):

@@ -651,9 +651,9 @@ class ZClip(ClipPolicy):
     where its docstring and code disagree (``clip_factor`` multiplies the whole threshold, mean
     included, as the code does). Differences, all deliberate:
 
-    * **``max_norm=None`` by default.** zclip's code defaults ``max_grad_norm=1.0`` (its README
-      says None), which clips every warm-up step to 1.0 and caps every later threshold at 1.0;
-      pass ``max_norm=1.0`` for parity.
+    * **``max_norm=None`` by default.** zclip defaults ``max_grad_norm=1.0`` (its code and its
+      README; only its docstring's "float or None" hints at None), which clips every warm-up
+      step to 1.0 and caps every later threshold at 1.0; pass ``max_norm=1.0`` for parity.
     * **Non-finite norms never enter the statistics.** In zclip one NaN step sets the mean to NaN
       for good (a later 50x spike then passes unclipped); here the state is untouched and the
       Guard skips the step.
