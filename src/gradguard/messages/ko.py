@@ -400,7 +400,7 @@ UI: dict[str, str] = {
     "severity_warning": "경고",
     "severity_error": "오류",
     "layers": "레이어",
-    "no_layers": "(특정 레이어와 무관)",
+    "no_layers": "네트워크 전체 (특정 레이어 아님)",
     "more_layers": "… 외 {n}개",
     "causes": "추정 원인",
     "remedies": "처방",
