@@ -198,3 +198,61 @@ def test_core_only_install_names_the_extra_in_one_line(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and missing in err
     assert err.endswith('pip install "gradguard[report]"')
+
+
+LONG_NAMES = textwrap.dedent('''
+    import math, torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.a_rather_long_projection_layer_name = nn.Linear(n, n)
+            self.act = nn.Sigmoid()
+
+        def forward(self, x):
+            return self.act(self.a_rather_long_projection_layer_name(x))
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(*[Block(16) for _ in range(8)], nn.Linear(16, 4))
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -1 / math.sqrt(16), 1 / math.sqrt(16))
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g))
+                for _ in range(8)]
+        return net, F.cross_entropy, data, torch.optim.SGD(net.parameters(), lr=0.1)
+''')
+
+_FRAME = set("│─╭╮╰╯┃━┏┓┗┛┡┩└┘├┤┬┴┼╇╈╋┳┻ \n")
+
+
+@pytest.mark.parametrize("lang", ["en", "ko"])
+def test_nothing_is_cut_at_80_or_120_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], lang: str) -> None:
+    """Tables fold a long word (a finding code, a layer name, Korean text) instead of ending it
+    with an ellipsis; code snippets wrap instead of being cropped."""
+    from gradguard import messages as M
+    from gradguard.findings import Report
+
+    (tmp_path / "longnames.py").write_text(LONG_NAMES, encoding="utf-8")
+    js = tmp_path / "r.json"
+    for width in (80, 120):
+        monkeypatch.setenv("COLUMNS", str(width))
+        rc = main(["doctor", f"{tmp_path / 'longnames.py'}:make", "--steps", "8", "--try-remedies",
+                   "--lang", lang, "--json", str(js)])
+        out = capsys.readouterr().out
+        assert rc == 1
+        assert max(len(line) for line in out.splitlines()) <= width
+        report = Report.from_json(js.read_text(encoding="utf-8"))
+        # an ellipsis only where the catalogue writes one ("… and 3 more")
+        assert out.count("…") == sum(1 for f in report.findings if len(f.layers) > 8)
+        # the panels (one column) read back whole once the frame and the line breaks are
+        # removed: layer names and the code snippet are all there, nothing cropped
+        flat = "".join(ch for ch in out if ch not in _FRAME)
+        snippet = M.remedy_snippet(report.findings[0].remedies[0], lang)
+        words = {*(n for f in report.findings for n in f.layers[:8]), *snippet.splitlines()}
+        for word in words:
+            assert "".join(ch for ch in word if ch not in _FRAME) in flat, (width, word)

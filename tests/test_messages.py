@@ -163,3 +163,28 @@ def test_plural_agreement() -> None:
     assert "2 such spikes" in M.finding_text(spikes, "en")
     # no template is left unfilled and no "(s)" remains anywhere in the English catalogue
     assert "(s)" not in repr(en.FINDINGS) + repr(en.UI)
+
+
+#: The Korean glossary (docs/korean.md): the term used, and the variants that must not appear.
+KO_GLOSSARY = {"기울기": ("그래디언트", "그라디언트"), "에포크": ("에폭",)}
+
+
+def test_one_korean_glossary_everywhere() -> None:
+    from pathlib import Path
+
+    src = Path(M.__file__).resolve().parents[1]
+    for path in src.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for term, banned in KO_GLOSSARY.items():
+            for word in banned:
+                assert word not in text, f"{path.relative_to(src)} writes {word!r}; the glossary says {term!r}"
+    assert "기울기" in ko.FINDINGS["vanishing_gradients"]["title"]  # type: ignore[operator]
+
+
+def test_progress_labels_in_the_reports_language() -> None:
+    from gradguard.cli._render import stage_label
+
+    assert stage_label("baseline", "ko") == ko.UI["baseline"]
+    assert stage_label("relu_family", "ko") == M.remedy_title("relu_family", "ko") != "relu_family"
+    assert stage_label("relu_family", "en") == M.remedy_title("relu_family", "en")
+    assert stage_label("something_new", "ko") == "something_new"

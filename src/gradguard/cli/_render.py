@@ -141,7 +141,7 @@ def print_report(con: Any, report: Report, lang: str, *, snippets: bool = True) 
                                           + "\n".join(lines)))
             if snippets and M.remedy_snippet(f.remedies[0], lang):
                 parts.append(Syntax(M.remedy_snippet(f.remedies[0], lang), "python",
-                                    theme="ansi_dark", background_color="default"))
+                                    theme="ansi_dark", background_color="default", word_wrap=True))
         title = (f"[{_SEV_STYLE.get(sev, 'bold')}]{k}. {escape(M.severity_label(sev, lang))}"
                  f"[/] {escape(M.finding_title(f.code, lang))} [dim]({f.code})[/dim]")
         con.print(Panel(Group(*parts), title=title, title_align="left", expand=True))
@@ -154,11 +154,13 @@ def trials_table(report: Report, lang: str) -> Any:
 
     time_axis = any(f.evidence.get("axis") == "time" for f in report.findings)
     t = Table(title=M.ui("trials", lang), caption=M.ui("trials_intro", lang))
-    t.add_column(M.ui("col_remedy", lang))
-    t.add_column(M.ui("col_time" if time_axis else "col_flow", lang), justify="right")
-    t.add_column(M.ui("col_loss", lang), justify="right")
-    t.add_column(M.ui("col_left", lang))
-    t.add_column(M.ui("col_effect", lang))
+    # overflow="fold": a word wider than its column (a finding code, a layer name, Korean text)
+    # is broken across lines, never cut with an ellipsis.
+    t.add_column(M.ui("col_remedy", lang), overflow="fold")
+    t.add_column(M.ui("col_time" if time_axis else "col_flow", lang), justify="right", overflow="fold")
+    t.add_column(M.ui("col_loss", lang), justify="right", overflow="fold")
+    t.add_column(M.ui("col_left", lang), overflow="fold")
+    t.add_column(M.ui("col_effect", lang), overflow="fold")
     md = report.metadata
     t.add_row(M.ui("baseline", lang), M.fmt_num(md.get("baseline_time" if time_axis else "baseline_flow", math.nan)),
               M.fmt_num(md.get("baseline_loss", math.nan)), ", ".join(report.codes) or "-", "",
@@ -176,9 +178,17 @@ def trials_table(report: Report, lang: str) -> Any:
     return t
 
 
+def stage_label(stage: str, lang: str) -> str:
+    """A progress stage in ``lang``: "baseline" and remedy codes by their titles, else as is."""
+    if stage == "baseline":
+        return M.ui("baseline", lang)
+    title = M.remedy_title(stage, lang)
+    return title if title != stage else stage
+
+
 @contextmanager
-def progress_bar(con: Any, label: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar fed by ``diagnose(progress=...)`` callbacks."""
+def progress_bar(con: Any, label: str, lang: str = "en") -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar fed by ``diagnose(progress=...)`` callbacks (stages named in ``lang``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -187,7 +197,7 @@ def progress_bar(con: Any, label: str) -> Iterator[Callable[[str, int, int], Non
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = prog.add_task(f"{label}: {stage}", total=total)
+                tasks[stage] = prog.add_task(f"{label}: {stage_label(stage, lang)}", total=total)
             prog.update(tasks[stage], completed=done)
 
         yield update
