@@ -275,6 +275,16 @@ def test_compiled_submodule_names() -> None:
     assert display_name("orig_mod_layer.weight") == "orig_mod_layer.weight"
 
 
+def test_unwrap_compiled_returns_the_users_module() -> None:
+    from gradguard._plan import unwrap_compiled
+
+    model = mlp()
+    assert unwrap_compiled(torch.compile(model)) is model
+    block = nn.Sequential(torch.compile(model))  # a compiled child stays (its parent is plain)
+    assert unwrap_compiled(block) is block
+    assert unwrap_compiled(model) is model
+
+
 def test_zclip_docs_statement_matches_the_package() -> None:
     """docs/guard.md: zclip's README (and code) default max_grad_norm=1.0; only the docstring hints None."""
     import importlib.metadata

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradguard.stats import acc_dtype, group_by_device_dtype
 
-__all__ = ["ParamPlan", "display_name", "named_trainable"]
+__all__ = ["ParamPlan", "display_name", "named_trainable", "unwrap_compiled"]
 
 # torch.compile wraps a module in an OptimizedModule whose only child is ``_orig_mod``; its
 # parameters are named "_orig_mod.<name>" (and "block._orig_mod.<name>" for a compiled child).
@@ -28,6 +28,17 @@ def display_name(name: str) -> str:
     if _COMPILE_WRAPPER not in name:
         return name
     return ".".join(part for part in name.split(".") if part != _COMPILE_WRAPPER)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model`` itself.
+
+    For code that runs its own copies with hooks (the doctor): dynamo refuses forward hooks
+    added to a compiled module's inner module, and the copies need no compilation."""
+    inner = getattr(model, _COMPILE_WRAPPER, None)
+    while isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        model, inner = inner, getattr(inner, _COMPILE_WRAPPER, None)
+    return model
 
 
 def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
