@@ -50,9 +50,9 @@ test: venv browser
 # `report` extra into a fresh venv (torch first, as above; pip reuses its cache or a local wheel),
 # and run `gradguard demo --quick` from there, outside the source tree.
 WHEEL_VENV ?= .wheel-venv
-wheel-check:
+wheel-check: | $(PY)
 	rm -rf dist $(WHEEL_VENV)
-	$(PYTHON) -m pip wheel --no-deps -q -w dist .
+	$(PY) -m pip wheel --no-deps -q -w dist .
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(WHEEL_VENV)/bin/python -m pip install -q "$$(ls dist/gradguard-*.whl)[report]"

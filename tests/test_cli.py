@@ -256,3 +256,17 @@ def test_nothing_is_cut_at_80_or_120_columns(tmp_path: Path, monkeypatch: pytest
         words = {*(n for f in report.findings for n in f.layers[:8]), *snippet.splitlines()}
         for word in words:
             assert "".join(ch for ch in word if ch not in _FRAME) in flat, (width, word)
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_lab_list_is_not_cut(width: int, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    from gradguard import lab
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    for lang in ("en", "ko"):
+        assert main(["lab", "--list", "--lang", lang]) == 0
+        out = capsys.readouterr().out
+        assert "…" not in out and max(len(line) for line in out.splitlines()) <= width
+        for info in lab.list_experiments():
+            assert info.name in out  # names stay whole where the width allows
