@@ -15,8 +15,10 @@ spike) -> one history row on the device. Every ``flush_every`` steps one host re
 rows to :attr:`Guard.history` and the sinks.
 
 Host syncs per step: **zero** with a fused optimizer (``fused=True``: it takes the skip flag as
-its ``found_inf`` tensor and skips inside the kernel) when nothing else needs the flag on the host
-(no scheduler handed to the Guard, no LR back-off); otherwise **one** (a plain optimizer can be
+its ``found_inf`` tensor and skips inside the kernel) once its state exists (its first step takes
+the one-sync path, so that a skipped first step leaves ``optimizer.state`` empty) and when nothing
+else needs the flag on the host (no scheduler handed to the Guard, no LR back-off); otherwise
+**one** (a plain optimizer can be
 skipped only by not calling ``step()``, and the scheduler only by not calling ``scheduler.step()``).
 Plus one per flush.
 """
