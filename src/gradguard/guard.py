@@ -18,9 +18,8 @@ Host syncs per step: **zero** with a fused optimizer (``fused=True``: it takes t
 its ``found_inf`` tensor and skips inside the kernel) once its state exists (its first step takes
 the one-sync path, so that a skipped first step leaves ``optimizer.state`` empty) and when nothing
 else needs the flag on the host (no scheduler handed to the Guard, no LR back-off); otherwise
-**one** (a plain optimizer can be
-skipped only by not calling ``step()``, and the scheduler only by not calling ``scheduler.step()``).
-Plus one per flush.
+**one** (a plain optimizer can be skipped only by not calling ``step()``, and the scheduler only by
+not calling ``scheduler.step()``). Plus one per flush.
 """
 
 from __future__ import annotations
@@ -408,7 +407,7 @@ class Guard:
                     return False
         elif any(not optimizer.state.get(p) for group in optimizer.param_groups
                  for p in group["params"] if p.grad is not None):
-            # Fused Adam/AdamW/Adagrad create their state (step 0, zero moments) even on a step
+            # Fused Adam/AdamW create their state (step 0, zero moments) even on a step
             # skipped through found_inf; a skipped first step must leave opt.state empty, as if
             # it never ran, so the first step of a fresh state takes the one-sync path.
             return False

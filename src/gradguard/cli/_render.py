@@ -180,10 +180,7 @@ def trials_table(report: Report, lang: str) -> Any:
 
 def stage_label(stage: str, lang: str) -> str:
     """A progress stage in ``lang``: "baseline" and remedy codes by their titles, else as is."""
-    if stage == "baseline":
-        return M.ui("baseline", lang)
-    title = M.remedy_title(stage, lang)
-    return title if title != stage else stage
+    return M.ui("baseline", lang) if stage == "baseline" else M.remedy_title(stage, lang)
 
 
 @contextmanager
