@@ -4,6 +4,7 @@ usage or input, including any unexpected exception (one line; --debug shows the 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -270,3 +271,17 @@ def test_lab_list_is_not_cut(width: int, monkeypatch: pytest.MonkeyPatch,
         assert "…" not in out and max(len(line) for line in out.splitlines()) <= width
         for info in lab.list_experiments():
             assert info.name in out  # names stay whole where the width allows
+
+
+def test_stated_run_times_agree_with_the_measured_ones() -> None:
+    """README, `--help` and the Makefile state the same measured times (README: the numbers and
+    where they were measured)."""
+    from gradguard.cli import demo
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    makefile = (root / "Makefile").read_text(encoding="utf-8")
+    lab_time = re.search(r"\*\*(\d+ min \d+ s)\*\*", readme)
+    assert lab_time and f"measured {lab_time.group(1)}" in makefile
+    demo_time = re.search(r"`gradguard demo` \(after the set-up\) in about (\d+) s", readme)
+    assert demo_time and f"about {demo_time.group(1)} s" in demo.HELP
