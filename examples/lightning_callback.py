@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"charts in {trainer.logger.log_dir}/metrics.csv; history in {out / 'run.jsonl'}")
     ckpt = Path(trainer.checkpoint_callback.best_model_path or "")
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)["callbacks"]["GradGuardCallback"]
+        state = torch.load(ckpt, weights_only=True)["callbacks"]["GradGuardCallback"]
         print(f"checkpoint {ckpt.name} holds the guard's state at step {state['guard']['step']}")
     return 0
 

@@ -61,10 +61,13 @@ def test_max_norm_wrong_type(value):
     expect(TypeError, "max_norm", value, gg.clip_grad_norm_, value)
 
 
-def test_max_norm_tensor_is_refused_with_the_reason():
-    ps = params()
-    with pytest.raises(TypeError, match=r"`max_norm` must be a Python number, got a tensor; pass float"):
-        gg.clip_grad_norm_(ps, torch.tensor(1.0))
+def test_max_norm_tensor_works_as_in_torch():
+    ps, ref = params(), params()
+    total = gg.clip_grad_norm_(ps, torch.tensor(1.0))
+    assert torch.equal(total, tnu.clip_grad_norm_(ref, torch.tensor(1.0)))
+    assert torch.equal(ps[0].grad, ref[0].grad)
+    with pytest.raises(TypeError, match=r"`max_norm` must be a number or a one-element floating"):
+        gg.clip_grad_norm_(params(), torch.ones(2))
 
 
 def test_numpy_scalars_are_numbers():

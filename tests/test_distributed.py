@@ -232,6 +232,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(fs2, mesh=mesh)
         res["guard_fsdp_nan"] = _guard_run(fs2, rank, plant_nan_at=3)
+        # a loss passed on rank 0 only: a clear error on both ranks, not a gloo abort
+        ddp1 = DDP(_mlp())
+        guard1 = gg.Guard(ddp1)
+        opt1 = torch.optim.SGD(ddp1.parameters(), lr=0.1)
+        loss1 = torch.nn.functional.mse_loss(ddp1(x), y)
+        loss1.backward()
+        before1 = _state_digest(ddp1.state_dict())
+        try:
+            guard1.step(opt1, loss=loss1 if rank == 0 else None)
+            res["loss_one_rank"] = None
+        except ValueError as e:
+            res["loss_one_rank"] = str(e)
+        res["loss_one_rank_unchanged"] = before1 == _state_digest(ddp1.state_dict())
 
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res, default=str))
     dist.barrier()
@@ -370,5 +383,15 @@ def test_guard_fused_optimizer_skips_without_a_host_sync(runs: list[dict[str, An
     """Fused AdamW takes the reduced skip flag as found_inf: zero host reads, one all-reduce."""
     _needs_guard(runs)
     for res in runs:
-        assert [s["syncs"] for s in res["guard_ddp_fused_nan"]["steps"]] == [0] * 6
-        assert all(s["syncs"] == 1 for s in res["guard_ddp"]["steps"])  # plain SGD: one read
+        # step 0 reads twice: the once-per-Guard check that every rank passed a loss, and the
+        # one-sync path a fused optimizer takes until its state exists
+        assert [s["syncs"] for s in res["guard_ddp_fused_nan"]["steps"]] == [2] + [0] * 5
+        assert [s["syncs"] for s in res["guard_ddp"]["steps"]] == [2] + [1] * 5  # plain SGD: one read
+
+
+def test_guard_loss_on_one_rank_is_a_clear_error_on_every_rank(runs: list[dict[str, Any]]) -> None:
+    _needs_guard(runs)
+    for res in runs:
+        assert res["loss_one_rank"] is not None
+        assert "some ranks and not on others" in res["loss_one_rank"]
+        assert res["loss_one_rank_unchanged"]

@@ -278,6 +278,55 @@ def test_nonfinite_step_is_cancelled_and_state_untouched(opt: str) -> None:
     assert cb.guard.history.skipped == [False, False, True, False]
 
 
+class ReadsItsGradients(NaNAt):
+    """A module whose own on_before_optimizer_step reads every gradient (after the callbacks)."""
+
+    def __init__(self, nan_steps: tuple[int, ...], opt: str = "sgd") -> None:
+        super().__init__(nan_steps=nan_steps, opt=opt)
+        self.read: list[bool] = []
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.read.append(all(p.grad is not None for p in self.parameters()))
+
+
+class PlantAfterUnscale(L.Callback):
+    """Listed before the GradGuardCallback: a NaN after the GradScaler has unscaled (so the
+    scaler itself finds nothing and calls optimizer.step(), which the Guard must cancel)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step == self.step:
+            pl_module.net[0].weight.grad[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_the_modules_own_hook_reads_the_gradients_of_a_cancelled_step(precision: str) -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    cb = GradGuardCallback(flush_every=2)
+    kw: dict[str, Any] = {}
+    if precision == "16-mixed":
+        model = ReadsItsGradients(nan_steps=())
+        callbacks = [PlantAfterUnscale(step=2), cb]
+        kw["plugins"] = [MixedPrecision("16-mixed", "cpu")]
+    else:
+        model = ReadsItsGradients(nan_steps=(2,))
+        callbacks = [cb]
+    _trainer(callbacks, max_steps=4, **kw).fit(model, _classif_loader())
+    assert model.read == [True] * 4  # the cancelled step's gradients were readable there
+    assert cb.guard.history.skipped == [False, False, True, False]
+    s = model.snap
+    assert all(torch.equal(a, b) for a, b in zip(s[1]["params"], s[2]["params"]))  # cancelled
+    assert not all(torch.equal(a, b) for a, b in zip(s[2]["params"], s[3]["params"]))
+    for k in s[1]["opt"]:
+        for name, v in s[1]["opt"][k].items():
+            w = s[2]["opt"][k][name]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w
+    assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
+
+
 # --- AMP and accumulation ------------------------------------------------------------------------
 def _fp32_first_norm() -> float:
     model = ClassifModel()
@@ -343,7 +392,7 @@ def test_checkpoint_resume_restores_guard_state(tmp_path: Path) -> None:
     first_cb, _, trainer = _fit_epochs(tmp_path / "b", epochs=1)
     ckpt = tmp_path / "one_epoch.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)["callbacks"]["GradGuardCallback"]
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["GradGuardCallback"]
     _assert_state_equal(saved["guard"], first_cb.guard.state_dict())
     resumed_cb, resumed_model, _ = _fit_epochs(tmp_path / "c", epochs=2, ckpt=str(ckpt))
     # the resumed run continues exactly where the first stopped: same state as a straight run

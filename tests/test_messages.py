@@ -10,7 +10,7 @@ import pytest
 
 from gradguard import messages as M
 from gradguard.doctor.detectors import CAUSES, CODES, REMEDIES
-from gradguard.findings import Finding
+from gradguard.findings import Finding, Severity
 from gradguard.messages import en, ko
 from gradguard.doctor.remedies import TREATMENTS
 
@@ -64,6 +64,7 @@ def test_trial_notes(key: str, lang: str) -> None:
 
 
 def _fields(template: str) -> set[str]:
+    template = M._PLURAL.sub(r"{\1}", template)  # "{n|layer|layers}" uses the field n
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
@@ -146,4 +147,49 @@ def test_format_layers_truncates() -> None:
     names = [str(i) for i in range(12)]
     assert M.format_layers(names, "en") == "0, 1, 2, 3, 4, 5, 6, 7 … and 4 more"
     assert M.format_layers(names, "ko").endswith("외 4개")
-    assert M.format_layers([], "en") == "(not tied to a layer)"
+    assert M.format_layers([], "en") == "the whole network (no single layer)"
+
+
+def test_plural_agreement() -> None:
+    """Messages read as sentences: "1 layer sits", "3 layers sit", "1 step", "2 spikes"."""
+    one = Finding("vanishing_gradients", Severity.ERROR, ["0.weight"], evidence={
+        "axis": "depth", "first_layer": "0", "ratio": 2e-5, "decay_per_layer": 0.14, "depth": 7,
+        "n_layers": 1})
+    text = M.finding_text(one, "en")
+    assert "1 layer sits at least" in text and "over 7 layers" in text
+    many = Finding("vanishing_gradients", Severity.ERROR, ["0.weight"], evidence={
+        **one.evidence, "n_layers": 3})
+    assert "3 layers sit at least" in M.finding_text(many, "en")
+    assert M.ui("run_summary_history", "en", mode="recorded run", steps=1, tensors=1, model="m") == \
+        "recorded run: 1 step, 1 tensor (m)"
+    assert M.ui("demo_accuracy", "en", epochs=1, acc="90%", remedy="x", base="10%").startswith(
+        "Test accuracy after 1 epoch: 90% with the remedy “x”")
+    spikes = Finding("loss_spike", Severity.WARNING, [], evidence={"series": "loss", "count": 2, "z": 9.0})
+    assert "2 such spikes" in M.finding_text(spikes, "en")
+    # no template is left unfilled and no "(s)" remains anywhere in the English catalogue
+    assert "(s)" not in repr(en.FINDINGS) + repr(en.UI)
+
+
+#: The Korean glossary (docs/korean.md): the term used, and the variants that must not appear.
+KO_GLOSSARY = {"기울기": ("그래디언트", "그라디언트"), "에포크": ("에폭",)}
+
+
+def test_one_korean_glossary_everywhere() -> None:
+    from pathlib import Path
+
+    src = Path(M.__file__).resolve().parents[1]
+    for path in src.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for term, banned in KO_GLOSSARY.items():
+            for word in banned:
+                assert word not in text, f"{path.relative_to(src)} writes {word!r}; the glossary says {term!r}"
+    assert "기울기" in ko.FINDINGS["vanishing_gradients"]["title"]  # type: ignore[operator]
+
+
+def test_progress_labels_in_the_reports_language() -> None:
+    from gradguard.cli._render import stage_label
+
+    assert stage_label("baseline", "ko") == ko.UI["baseline"]
+    assert stage_label("relu_family", "ko") == M.remedy_title("relu_family", "ko") != "relu_family"
+    assert stage_label("relu_family", "en") == M.remedy_title("relu_family", "en")
+    assert stage_label("something_new", "ko") == "something_new"

@@ -160,7 +160,7 @@ def test_checkpoint_and_resume_restore_the_guard(tmp_path: Path) -> None:
     _trainer(tmp_path / "b", [first], **kw).train()
     ckpt = tmp_path / "b" / "checkpoint-2"
     assert (ckpt / CHECKPOINT_FILE).exists()
-    saved = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    saved = torch.load(ckpt / CHECKPOINT_FILE, weights_only=True)
     assert saved["step"] == 2
 
     resumed = GradGuardCallback(clip=gg.ZClip(warmup=1))
@@ -178,3 +178,36 @@ def test_checkpoint_and_resume_restore_the_guard(tmp_path: Path) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="log_per_layer"):
         GradGuardCallback(log_per_layer="yes")
+
+
+def test_double_registration_is_refused(tmp_path: Path) -> None:
+    cb = GradGuardCallback(clip=gg.FixedClip(0.5))
+    tr = _trainer(tmp_path, [cb], max_steps=1)
+    tr.callback_handler.callbacks.insert(0, cb)  # the old docs recipe on top of callbacks=[cb]
+    with pytest.raises(ValueError, match="registered 2 times on one Trainer"):
+        tr.train()
+    two = _trainer(tmp_path, [GradGuardCallback(), GradGuardCallback()], max_steps=1)
+    with pytest.raises(ValueError, match="2 GradGuardCallbacks are registered"):
+        two.train()
+
+
+def test_metrics_reach_the_report_to_loggers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """report_to=["tensorboard"] is registered before user callbacks, yet it logs gradguard's
+    keys, with no reordering by hand; a callback listed before the Guard still runs first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_dir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tb_dir))
+    plant = PlantNaN(steps=(1,))
+    cb = GradGuardCallback(clip=gg.FixedClip(0.5))
+    tr = _trainer(tmp_path / "out", [plant, cb], report_to=["tensorboard"], max_steps=3)
+    tr.train()
+    events = [p for p in tb_dir.rglob("events.out.tfevents.*")]
+    assert events, f"no TensorBoard event file under {tb_dir}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "train/gradguard/grad_norm" in tags and "train/gradguard/skipped" in tags
+    assert [e.value for e in acc.Scalars("train/gradguard/skipped")] == [0.0, 1.0, 0.0]
+    # the keys are in log_history once per logging step, and the NaN planted before the Guard ran
+    assert cb.guard.history.skipped == [False, True, False]

@@ -17,7 +17,7 @@ from gradguard.findings import Finding, Report
 from gradguard.guard import Guard, GuardError, StepOutcome
 from gradguard.history import History
 from gradguard.policies import AGC, AutoClip, FixedClip, ValueClip, ZClip
-from gradguard.sinks import CSVSink, JSONLSink, TensorBoardSink
+from gradguard.sinks import CSVSink, JSONLSink, MLflowSink, TensorBoardSink, WandbSink
 from gradguard.recovery import SpikePolicy
 from gradguard.stats import GradStats, grad_stats
 from gradguard.report import plots as _plots  # noqa: E402,F401  (installs Report.to_html)
@@ -36,11 +36,13 @@ __all__ = [
     "GuardError",
     "History",
     "JSONLSink",
+    "MLflowSink",
     "Report",
     "SpikePolicy",
     "StepOutcome",
     "TensorBoardSink",
     "ValueClip",
+    "WandbSink",
     "ZClip",
     "__version__",
     "adaptive_clip_grad_",

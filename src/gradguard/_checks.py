@@ -7,6 +7,8 @@ reads a device tensor.
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 import numbers
 import types
@@ -18,6 +20,9 @@ import torch
 
 __all__ = [
     "as_tensor_list",
+    "check_state_config",
+    "check_state_tensors",
+    "require",
     "check_choice",
     "check_int",
     "check_iterable",
@@ -25,6 +30,19 @@ __all__ = [
     "check_positive",
     "check_probability",
 ]
+
+log = logging.getLogger("gradguard")
+
+
+def require(module: str, extra: str) -> Any:
+    """Import the optional ``module`` or raise with the exact, one-line install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"this part of gradguard needs `{module.split('.')[0]}`: "
+            f'pip install "gradguard[{extra}]"'
+        ) from e
 
 _EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
 
@@ -149,3 +167,54 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
             f"`{name}` must be one of {', '.join(repr(c) for c in options)}; got {value!r}."
         )
     return value
+
+
+_MISSING = object()
+
+
+def check_state_config(owner: str, saved: Any, current: dict[str, Any], *, strict: bool = True) -> None:
+    """A checkpoint's settings must be the ones this object was built with.
+
+    A policy's state means something only under the settings it was accumulated with (ZClip's
+    warm-up count, AutoClip's window): loaded under others it can freeze training or crash a
+    later step. ``strict=True`` raises ``ValueError`` naming every mismatching setting;
+    ``strict=False`` logs a warning and lets the caller go on (the state's shapes are still
+    checked by :func:`check_state_tensors`).
+    """
+    if not isinstance(saved, dict):
+        raise ValueError(f"{owner}: the checkpoint's `config` must be a dict, got {type(saved).__name__}.")
+    keys = list(current) + [k for k in saved if k not in current]
+    diffs = [k for k in keys if saved.get(k, _MISSING) != current.get(k, _MISSING)]
+    if not diffs:
+        return
+
+    def show(d: dict[str, Any], k: str) -> str:
+        return f"{k}={d[k]!r}" if k in d else f"no {k}"
+
+    msg = (f"{owner}: the checkpoint was saved with {', '.join(show(saved, k) for k in diffs)}, "
+           f"but this one has {', '.join(show(current, k) for k in diffs)}")
+    if strict:
+        raise ValueError(
+            f"{msg}. Its state is not valid under other settings; construct the object with the "
+            "checkpoint's settings, or pass strict=False to load the state anyway."
+        )
+    log.warning("%s; loading anyway (strict=False)", msg)
+
+
+def check_state_tensors(owner: str, saved: Any, current: dict[str, torch.Tensor]) -> None:
+    """Every field of ``current`` must be in ``saved`` as a tensor of the same shape."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{owner}: the checkpoint's `state` must be a dict, got {type(saved).__name__}.")
+    missing = [k for k in current if k not in saved]
+    if missing:
+        raise ValueError(f"{owner}: the checkpoint's state lacks {missing}; it is not from this version.")
+    for k, cur in current.items():
+        t = saved[k]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{owner}: state field {k!r} must be a tensor, got {type(t).__name__}.")
+        if t.shape != cur.shape:
+            raise ValueError(
+                f"{owner}: state field {k!r} has shape {tuple(t.shape)} in the checkpoint but "
+                f"{tuple(cur.shape)} here (a different configuration); construct the object "
+                "with the checkpoint's settings."
+            )

@@ -50,6 +50,8 @@ from gradguard.stats import (
     Group,
     _norm_out_dtype,
     _widen,
+    acc_dtype,
+    check_dense,
     group_norms,
     group_tensors,
     reduce_groups,
@@ -65,6 +67,22 @@ __all__ = [
 ]
 
 _MAX_NORM_FIX = "Pass the largest allowed gradient norm, e.g. max_norm=1.0 (inf measures without clipping)."
+
+
+def _check_max_norm(max_norm: float | Tensor) -> float | Tensor:
+    """A number > 0 (or inf), or, as torch accepts, a one-element real tensor.
+
+    A tensor is used as it is, on its device: checking its value would be a host sync on every
+    call, so (as in torch) a non-positive tensor is not refused.
+    """
+    if isinstance(max_norm, Tensor):
+        if max_norm.numel() != 1 or max_norm.is_complex() or not max_norm.is_floating_point():
+            raise TypeError(
+                f"`max_norm` must be a number or a one-element floating-point tensor, got a "
+                f"{max_norm.dtype} tensor of shape {tuple(max_norm.shape)}. {_MAX_NORM_FIX}"
+            )
+        return max_norm.detach().reshape(())
+    return check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
 
 
 def _check_eps(eps: float) -> float:
@@ -135,7 +153,11 @@ def _scale_groups_(groups: Sequence[Group], coef: Tensor) -> None:
 def _total_norm(grads: list[Tensor], p: float, foreach: bool | None) -> tuple[Tensor, list[Group]]:
     """The global norm of ``grads`` (non-empty, no None) and the groups, for a scale pass."""
     groups = group_tensors(grads, foreach)
-    norms = [group_norms(g, p) for g in groups]
+    try:
+        norms = [group_norms(g, p) for g in groups]
+    except (NotImplementedError, RuntimeError):
+        check_dense(grads)  # names a sparse or meta gradient, when that is the reason
+        raise
     total, _ = reduce_groups(groups, norms, len(grads), p, grads[0].device)
     return total, groups
 
@@ -185,12 +207,13 @@ def clip_grads_with_norm_(
 
     Args:
         parameters (Tensor or iterable of Tensors): parameters whose gradients are scaled.
-        max_norm (float): the largest allowed norm; must be > 0.
+        max_norm (float or Tensor): the largest allowed norm; must be > 0 (a one-element
+            tensor is used unchecked, as in torch).
         total_norm (Tensor): the norm to scale from, e.g. from :func:`get_total_norm`.
         foreach (bool, optional): use the foreach kernels; ``None`` picks them where supported.
         eps (float, keyword-only): 1e-6 (torch) or 0 (optax/TensorFlow: strict threshold).
     """
-    max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
+    max_norm = _check_max_norm(max_norm)
     eps = _check_eps(eps)
     if not isinstance(total_norm, Tensor):
         raise TypeError(
@@ -218,8 +241,10 @@ def clip_grad_norm_(
 
     Args:
         parameters (Tensor or iterable of Tensors): parameters whose gradients are clipped.
-        max_norm (float): the largest allowed norm; must be > 0 (``inf`` measures only).
-            Unlike torch, a negative or zero value raises instead of flipping or zeroing the grads.
+        max_norm (float or Tensor): the largest allowed norm; must be > 0 (``inf`` measures
+            only). Unlike torch, a negative or zero number raises instead of flipping or zeroing
+            the grads. A one-element tensor is used as torch uses it (no host sync, so its value
+            is not checked).
         norm_type (float or str, optional): order of the norm, > 0 or ``'inf'``. Default: 2.0.
         error_if_nonfinite (bool, optional): raise torch's ``RuntimeError`` if the total norm is
             NaN or Inf, leaving the gradients untouched (one host sync). Default: False, which,
@@ -239,7 +264,7 @@ def clip_grad_norm_(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
-    max_norm = check_positive("max_norm", max_norm, _MAX_NORM_FIX, allow_inf=True)
+    max_norm = _check_max_norm(max_norm)
     p = check_norm_type(norm_type)
     eps = _check_eps(eps)
     grads = [g for g in map(_GRAD, as_tensor_list(parameters, stacklevel=4)) if g is not None]
@@ -264,10 +289,13 @@ def clip_grad_value_(
 
     Args:
         parameters (Tensor or iterable of Tensors): parameters whose gradients are clamped.
-        clip_value (float): the largest allowed magnitude; must be > 0 (torch accepts a negative
-            value and sets every gradient to it).
+        clip_value (float or Tensor): the largest allowed magnitude; must be > 0 (torch accepts
+            a negative value and sets every gradient to it). A one-element tensor is read with
+            ``float()``, as torch reads it.
         foreach (bool, optional): use the foreach kernels; ``None`` picks them where supported.
     """
+    if isinstance(clip_value, Tensor) and clip_value.numel() == 1 and not clip_value.is_complex():
+        clip_value = float(clip_value)  # torch does the same (a host read)
     v = check_positive(
         "clip_value", clip_value, "Pass the largest allowed absolute gradient value, e.g. clip_value=1.0."
     )

@@ -314,23 +314,55 @@ def step_stats(
     loss: Tensor | None = None,
     group: object | None = None,
     foreach: bool | None = None,
+    *,
+    verify_loss: bool = False,
 ) -> tuple[GradStats, Tensor | None]:
     """What ``Guard.step`` needs each step: the statistics and the loss, identical on every rank.
 
     One process: :func:`gradguard.stats.compute_stats` and ``loss`` unchanged (bit for bit what a
     Guard computes without ``torch.distributed``). Several ranks: :func:`reduce_grad_stats` with
-    the loss packed into the same all-reduce and returned as the mean over ranks (the maximum
-    under ``norm_type=inf``, whose all-reduce is a MAX). Every rank must pass a loss, or none.
+    the loss packed into the same all-reduce, with a 0/1 "this rank passed a loss" count beside
+    it, so the buffer has the same size on every rank whether or not a rank passed a loss (a
+    size mismatch would abort gloo or hang NCCL). The loss comes back as the mean over the ranks
+    that passed one (the maximum under ``norm_type=inf``, whose all-reduce is a MAX); a rank
+    that passed none gets None.
+
+    ``verify_loss`` (keyword-only; the Guard sets it on its first step): read the count on the
+    host (one sync) and raise ``ValueError`` on every rank alike when some ranks passed a loss
+    and others did not, the usual mistake (``loss=loss if rank == 0 else None``).
     """
     if not is_distributed(group):
         return compute_stats(grads, norm_type, foreach), loss
-    extras = None if loss is None else loss.detach().reshape(1)
+    is_max = norm_type == math.inf
+    present = [g for g in grads if g is not None]
+    device = loss.device if loss is not None else (present[0].device if present else torch.device("cpu"))
+    f64 = torch.float64
+    if loss is None:
+        value = torch.full((1,), -math.inf if is_max else 0.0, dtype=f64, device=device)
+        given = torch.zeros(1, dtype=f64, device=device)
+    else:
+        value = loss.detach().reshape(1).to(f64)
+        given = torch.ones(1, dtype=f64, device=device)
+    # [value, given, -given]: under SUM, given sums to the count; under MAX, max(given) and
+    # -max(-given) = min(given) tell "every rank" from "some ranks".
+    extras = torch.cat([value, given, given.neg()])
     stats, reduced = reduce_grad_stats(grads, norm_type, group, extras, foreach=foreach)
-    if loss is None or reduced is None:
+    if reduced is None:  # pragma: no cover - reduce_grad_stats returns extras when distributed
         return stats, loss
-    value = reduced.reshape(())
-    if norm_type != math.inf:
-        value = value / _dist().get_world_size(group)
+    world = _dist().get_world_size(group)
+    if verify_loss:
+        # [sync] once per Guard (its first step): a wrong call site, caught on every rank alike.
+        hi, neg_lo = reduced[1:3].tolist()
+        count = hi if not is_max else (world if hi == 1 and -neg_lo == 1 else (0 if hi == 0 else -1))
+        if count not in (0, world):
+            raise ValueError(
+                "`loss` was passed to Guard.step on some ranks and not on others; every rank "
+                "must pass its loss (it is averaged across ranks in the step's all-reduce), or "
+                "none. Pass loss=loss on every rank."
+            )
+    if loss is None:
+        return stats, None
+    value = reduced[0] if is_max else reduced[0] / reduced[1]
     out_dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
     return stats, value.to(device=loss.device, dtype=out_dtype)
 

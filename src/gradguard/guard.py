@@ -15,10 +15,11 @@ spike) -> one history row on the device. Every ``flush_every`` steps one host re
 rows to :attr:`Guard.history` and the sinks.
 
 Host syncs per step: **zero** with a fused optimizer (``fused=True``: it takes the skip flag as
-its ``found_inf`` tensor and skips inside the kernel) when nothing else needs the flag on the host
-(no scheduler handed to the Guard, no LR back-off); otherwise **one** (a plain optimizer can be
-skipped only by not calling ``step()``, and the scheduler only by not calling ``scheduler.step()``).
-Plus one per flush.
+its ``found_inf`` tensor and skips inside the kernel) once its state exists (its first step takes
+the one-sync path, so that a skipped first step leaves ``optimizer.state`` empty) and when nothing
+else needs the flag on the host (no scheduler handed to the Guard, no LR back-off); otherwise
+**one** (a plain optimizer can be skipped only by not calling ``step()``, and the scheduler only by
+not calling ``scheduler.step()``). Plus one per flush.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._checks import check_choice, check_int, check_positive
-from gradguard._plan import ParamPlan
+from gradguard._plan import ParamPlan, display_name
 from gradguard.distributed import has_dtensor, is_distributed, sharded_update_ratio, step_stats
 from gradguard.history import History, HistoryBuffer
 from gradguard.policies import ClipPolicy, FixedClip
-from gradguard.sinks import call_sinks
 from gradguard.recovery import Recovery, SpikePolicy
-from gradguard.stats import use_foreach
+from gradguard.sinks import call_sinks
+from gradguard.stats import UnsupportedGradient, use_foreach
 
 __all__ = ["Guard", "GuardError", "StepOutcome"]
 
@@ -72,6 +73,10 @@ def _group_lr(optimizer: Any, scale: float) -> Tensor | float:
     """The first param group's effective LR (what the step used): the scheduler's times the back-off."""
     lr = optimizer.param_groups[0].get("lr", math.nan)
     return lr * scale if scale != 1.0 else lr
+
+
+def _param_count(optimizer: Any) -> int:
+    return sum(len(g["params"]) for g in optimizer.param_groups)
 
 
 def _is_scheduler(obj: Any) -> bool:
@@ -222,6 +227,7 @@ class Guard:
         self.process_group = process_group
 
         plan = self._plan
+        self._watch_trainable_set(model)
         if self.clip is not None:
             self.clip.bind(model, plan)
         if self.spike is not None:
@@ -238,8 +244,10 @@ class Guard:
         self._inf = torch.full((), math.inf, dtype=plan.norm_dtype, device=plan.device)
         self._nan = torch.full((), math.nan, dtype=plan.norm_dtype, device=plan.device)
         self._checked_optimizers: set[int] = set()
+        self._optimizer_sizes: dict[int, int] = {}
         self._consts: dict[float, Tensor] = {}
         self._found_inf_ok: set[int] = set()
+        self._checked_scaler: int | None = None
         self._last_optimizer: Any = None  # what a rollback decided in flush() restores
         self._last_scaler: Any = None
         self._recovery = Recovery(self.spike) if self.spike is not None else None
@@ -276,6 +284,41 @@ class Guard:
         """The LR multiplier the next step will use (1.0 outside a back-off)."""
         return self.spike.lr_scale(self._step) if self.spike is not None else 1.0
 
+    # -- doors: what may change between steps, checked cheaply every step ------------------------
+    def _watch_trainable_set(self, model: nn.Module) -> None:
+        """Remember the parameters that were frozen when the plan was built.
+
+        A parameter unfrozen later would never be checked, so a NaN in its gradient would reach
+        the weights. Each step tests ``requires_grad`` of these (a fully trainable model has none:
+        no cost) and the optimizer's parameter count (one ``len`` per param group); there is no
+        walk over every parameter.
+        """
+        planned = {id(p) for p in self._plan.params}
+        self._frozen = tuple((display_name(n), p) for n, p in model.named_parameters()
+                             if id(p) not in planned)
+
+    def _check_step_inputs(self, optimizer: Any, scaler: Any) -> None:
+        for name, p in self._frozen:
+            if p.requires_grad:
+                raise GuardError(
+                    f"parameter {name!r} was frozen when the Guard was built and is trainable "
+                    "now; the Guard would not check its gradient, so a NaN there would reach the "
+                    "weights. Build a new Guard after changing which parameters train "
+                    "(guard = gg.Guard(model, ...)), or build it after unfreezing."
+                )
+        self._check_optimizer(optimizer)
+        if _param_count(optimizer) != self._optimizer_sizes.get(id(optimizer)):
+            self._checked_optimizers.discard(id(optimizer))  # a param group was added: re-check
+            self._check_optimizer(optimizer)
+        if scaler is not None and id(scaler) != self._checked_scaler:
+            if not isinstance(scaler, torch.amp.GradScaler):
+                raise TypeError(
+                    f"`scaler` must be a torch.amp.GradScaler (or None), got "
+                    f"{type(scaler).__name__}: {scaler!r:.60}. Pass the GradScaler you call "
+                    "scaler.scale(loss).backward() with."
+                )
+            self._checked_scaler = id(scaler)
+
     # -- the step -------------------------------------------------------------------------------
     def _check_optimizer(self, optimizer: Any) -> None:
         if id(optimizer) in self._checked_optimizers:
@@ -288,13 +331,17 @@ class Guard:
         stray = [p for g in optimizer.param_groups for p in g["params"]
                  if p.requires_grad and id(p) not in planned]
         if stray:
+            names = {id(p): display_name(n) for n, p in self.model.named_parameters()}
+            first = (repr(names[id(stray[0])]) if id(stray[0]) in names
+                     else f"a parameter of shape {tuple(stray[0].shape)}, outside the model")
             raise ValueError(
-                f"the optimizer updates {len(stray)} parameter(s) that are not trainable "
-                "parameters of the Guard's `model` (first shape: "
-                f"{tuple(stray[0].shape)}); their gradients would go unchecked. Build the Guard "
-                "on the module that owns every parameter the optimizer steps."
+                f"the optimizer updates {len(stray)} parameter(s) that the Guard does not check "
+                f"(the first: {first}), so a NaN in their gradients would reach the weights. "
+                "Build the Guard on the module that owns every parameter the optimizer steps, "
+                "after setting which parameters train (build a new Guard after unfreezing)."
             )
         self._checked_optimizers.add(id(optimizer))
+        self._optimizer_sizes[id(optimizer)] = _param_count(optimizer)
 
     def _needs_host_each_step(self, optimizer: Any, fused: bool) -> bool:
         if not fused or self.scheduler is not None or not self._found_inf_safe(optimizer):
@@ -319,6 +366,12 @@ class Guard:
                     for p in group["params"] if p.grad is not None
                 ):
                     return False
+        elif any(not optimizer.state.get(p) for group in optimizer.param_groups
+                 for p in group["params"] if p.grad is not None):
+            # Fused Adam/AdamW create their state (step 0, zero moments) even on a step
+            # skipped through found_inf; a skipped first step must leave opt.state empty, as if
+            # it never ran, so the first step of a fresh state takes the one-sync path.
+            return False
         self._found_inf_ok.add(id(optimizer))
         return True
 
@@ -442,7 +495,7 @@ class Guard:
             GuardError: more than ``max_consecutive`` consecutive non-finite steps (with
                 ``on_nonfinite="raise"``), or more than ``max_rollbacks`` rollbacks.
         """
-        self._check_optimizer(optimizer)
+        self._check_step_inputs(optimizer, scaler)
         self._last_optimizer, self._last_scaler = optimizer, scaler
         if defer_step and (self.scheduler is not None or scaler is not None):
             raise ValueError(
@@ -459,17 +512,23 @@ class Guard:
 
         found_inf = self._unscale(optimizer, scaler)
         plan = self._plan
+        step_idx0 = self._step
         grads = plan.grads()
         # One pass; across ranks, one packed all-reduce (norms, flag, mean loss agree everywhere).
         # In one process a policy may hand over the statistics of its own pass (AGC's unit norms).
         stats = None
-        if self.clip is not None and not is_distributed(self.process_group):
-            stats = self.clip.measure(plan.params, grads, self.foreach)
-        if stats is None:
-            stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
-                                       self.process_group, self.foreach)
-        else:
-            loss_t = self._loss_tensor(loss)
+        try:
+            if self.clip is not None and not is_distributed(self.process_group):
+                stats = self.clip.measure(plan.params, grads, self.foreach)
+            if stats is None:
+                stats, loss_t = step_stats(grads, self._norm_type, self._loss_tensor(loss),
+                                           self.process_group, self.foreach,
+                                           verify_loss=step_idx0 == 0)
+            else:
+                loss_t = self._loss_tensor(loss)
+        except UnsupportedGradient as e:
+            raise TypeError(f"parameter {plan.names[e.index]!r} has a {e.what} gradient, which "
+                            "gradguard cannot measure or clip; make it dense.") from None
         dev = stats.global_norm.device
         nonfinite = stats.nonfinite
         if found_inf is not None:
@@ -773,8 +832,11 @@ class Guard:
             "observed": list(self._observed),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned, into a Guard built the same way."""
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned, into a Guard built the same way.
+
+        ``strict`` is handed to the clip policy: its settings must equal the checkpoint's (see
+        :meth:`ClipPolicy.load_state_dict`)."""
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"unsupported Guard state version {state_dict.get('version')!r}; this gradguard "
@@ -797,6 +859,8 @@ class Guard:
                 "the checkpoint's Guard and this one differ in `spike` (one has a SpikePolicy, the "
                 "other not); construct it the same way."
             )
+        if self.clip is not None:  # first: a mismatching policy raises before anything changes
+            self.clip.load_state_dict(state_dict["policy"], strict=strict)
         self._step = int(state_dict["step"])
         c = state_dict["counters"]
         self.consecutive_nonfinite = c["consecutive_nonfinite"]
@@ -805,8 +869,6 @@ class Guard:
         self.last_finite = c["last_finite"]
         self.last_nonfinite_step = c["last_nonfinite_step"]
         self._run_start = c["run_start"]
-        if self.clip is not None:
-            self.clip.load_state_dict(state_dict["policy"])
         if self.spike is not None:
             self.spike.load_state_dict(state_dict["spike"])
         self._buffer.load_state_dict(state_dict["history"])

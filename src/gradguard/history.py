@@ -409,7 +409,10 @@ class History:
             cols = hist._cols
             cols["step"].append(int(rec["step"]))
             for f in SCALAR_FIELDS:
-                cols[f].append(rec.get(f, _default(f)))
+                v = rec.get(f, _default(f))
+                if f == "threshold" and v is None:  # JSONL's null: no norm threshold
+                    v = math.inf
+                cols[f].append(v)
             ln = rec.get("layer_norm", {})
             ur = rec.get("update_ratio", {})
             cols["layer_norm"].append([_float(ln.get(n, _NAN)) for n in hist.names])
@@ -417,9 +420,12 @@ class History:
         return hist if hist is not None else cls([])
 
     def to_jsonl(self, path: str | Path, *, append: bool = False) -> None:
-        """Write one JSON object per row (non-finite floats as the strings "nan", "inf", "-inf")."""
+        """Write one JSON object per row (docs/jsonl.md): ``threshold`` is a number, or null
+        where there is none; other non-finite floats are the strings "nan", "inf", "-inf"."""
         with open(path, "a" if append else "w", encoding="utf-8") as f:
             for rec in self.records():
+                if not math.isfinite(rec["threshold"]):
+                    rec["threshold"] = None
                 f.write(json.dumps(_jsonable(rec)) + "\n")
 
     @classmethod

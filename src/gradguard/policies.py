@@ -40,15 +40,24 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from gradguard._checks import check_choice, check_int, check_norm_type, check_positive, check_probability
+from gradguard._checks import (
+    check_choice,
+    check_int,
+    check_norm_type,
+    check_positive,
+    check_probability,
+    check_state_config,
+    check_state_tensors,
+)
 from gradguard._ema import running_update
-from gradguard._plan import ParamPlan
+from gradguard._plan import ParamPlan, display_name
 from gradguard.clip import AGCBuffers, AGCUnits, _check_eps, clip_coef, scale_
 from gradguard.stats import GradStats, _norm_out_dtype, _widen, use_foreach
 
+log = logging.getLogger(__name__)
+
 __all__ = ["AGC", "AutoClip", "ClipPolicy", "FixedClip", "ValueClip", "ZClip"]
 
-log = logging.getLogger(__name__)
 
 
 def _stat_dtype(device: torch.device) -> torch.dtype:
@@ -132,8 +141,15 @@ class ClipPolicy:
             state = {k: v.detach().clone() for k, v in self.state._asdict().items()}
         return {"policy": type(self).__name__, "config": self._config(), "state": state}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (onto this policy's device)."""
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned (onto this policy's device).
+
+        Args:
+            state_dict: from :meth:`state_dict` (e.g. ``torch.load(..., weights_only=True)``).
+            strict: the checkpoint's settings must equal this policy's (a ``ValueError`` names
+                each difference). ``False`` loads the state anyway with a warning; shapes are
+                checked either way.
+        """
         kind = state_dict.get("policy")
         if kind != type(self).__name__:
             raise ValueError(
@@ -141,22 +157,15 @@ class ClipPolicy:
                 f"{type(self).__name__}; construct the Guard with the same `clip` policy it was "
                 "saved with."
             )
-        cfg = state_dict.get("config", {})
-        if cfg != self._config():
-            log.warning(
-                "%s: loading state saved with config %s into a policy configured as %s",
-                type(self).__name__, cfg, self._config(),
-            )
+        check_state_config(type(self).__name__, state_dict.get("config", {}), self._config(),
+                           strict=strict)
         saved = state_dict.get("state")
         if self.state is None or saved is None:
             return
-        fields = type(self.state)._fields
-        missing = [f for f in fields if f not in saved]
-        if missing:
-            raise ValueError(f"the checkpoint's {kind} state lacks {missing}; it is not from this version.")
         cur = self.state._asdict()
+        check_state_tensors(kind, saved, cur)
         self.state = type(self.state)(
-            **{f: saved[f].to(device=cur[f].device, dtype=cur[f].dtype).clone() for f in fields}
+            **{f: saved[f].to(device=cur[f].device, dtype=cur[f].dtype).clone() for f in cur}
         )
 
     def __repr__(self) -> str:
@@ -546,7 +555,7 @@ class AGC(ClipPolicy):
         head = model.get_submodule(module_name)
         ids = {id(p) for p in head.parameters()}
         self._set_excluded({i for i, p in enumerate(plan.params) if id(p) in ids},
-                           f"module {module_name!r}: {how}")
+                           f"module {display_name(module_name)!r}: {how}")
 
     def _set_excluded(self, excluded: set[int], how: str) -> None:
         self._excluded = excluded
@@ -567,7 +576,7 @@ class AGC(ClipPolicy):
 
     @staticmethod
     def _resolve_names(model: nn.Module, plan: ParamPlan, names: Sequence[str]) -> set[int]:
-        modules = dict(model.named_modules())
+        modules = {display_name(k): m for k, m in model.named_modules()}
         out: set[int] = set()
         for n in names:
             if n in plan.names:
@@ -680,8 +689,8 @@ class AGC(ClipPolicy):
         sd["excluded"] = self.excluded if self._excluded is not None else None
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        super().load_state_dict(state_dict, strict)
         names = state_dict.get("excluded")
         if names is not None and self._plan is not None:
             self._remove_hooks()
@@ -848,9 +857,9 @@ class ZClip(ClipPolicy):
     where its docstring and code disagree (``clip_factor`` multiplies the whole threshold, mean
     included, as the code does). Differences, all deliberate:
 
-    * **``max_norm=None`` by default.** zclip's code defaults ``max_grad_norm=1.0`` (its README
-      says None), which clips every warm-up step to 1.0 and caps every later threshold at 1.0;
-      pass ``max_norm=1.0`` for parity.
+    * **``max_norm=None`` by default.** zclip defaults ``max_grad_norm=1.0`` (its code and its
+      README; only its docstring's "float or None" hints at None), which clips every warm-up
+      step to 1.0 and caps every later threshold at 1.0; pass ``max_norm=1.0`` for parity.
     * **Non-finite norms never enter the statistics.** In zclip one NaN step sets the mean to NaN
       for good (a later 50x spike then passes unclipped); here the state is untouched and the
       Guard skips the step.

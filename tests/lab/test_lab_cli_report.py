@@ -81,3 +81,24 @@ def test_report_page_in_both_languages(quick_result: Get) -> None:
     assert all(escape(c.statement_ko) in ko for r in results for c in r.checks)
     with pytest.raises(ValueError, match="lang"):
         lab_html(results, lang="fr")
+
+
+def test_quick_mode_says_which_set_up_it_really_ran(quick_result: Get) -> None:
+    import dataclasses
+
+    from gradguard.report.lab import quick_differences
+
+    result = quick_result("batchnorm")
+    info = lab.get_experiment("batchnorm")
+    full, quick = dataclasses.asdict(info.config), dataclasses.asdict(info.quick_config)
+    expected = [k for k in quick if k != "seed" and quick[k] != full[k]]
+    assert expected, "the quick set-up of batchnorm differs from the full one"
+    diffs = quick_differences(result, info)
+    assert [k for k, _, _ in diffs] == expected
+    for lang, phrase in (("en", "This quick run used a smaller set-up"), ("ko", "빠른 실행은")):
+        page = lab_html([result], lang=lang)
+        assert phrase in page
+        for k, v, f in diffs:
+            assert escape(f"{k}={v!r}") in page and escape(repr(f)) in page
+    full_result = dataclasses.replace(result, quick=False)
+    assert "This quick run" not in lab_html([full_result], lang="en")

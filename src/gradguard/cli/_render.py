@@ -20,10 +20,18 @@ def console() -> Any:
 
 
 def error(msg: str) -> int:
-    """Print a usage error to stderr (no wrapping, no markup); returns exit status 2."""
-    from rich.console import Console
+    """Print a usage error to stderr (no wrapping, no markup); returns exit status 2.
+
+    Without rich (a core-only install) it prints plain text, so that the message saying to
+    install the ``report`` extra can be shown at all."""
+    import sys
 
     text = msg if msg.startswith("error:") else f"error: {msg}"
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(text, file=sys.stderr)
+        return 2
     Console(stderr=True, highlight=False).print(text, style="red", markup=False, soft_wrap=True)
     return 2
 
@@ -37,6 +45,52 @@ def add_report_files(parser: Any) -> None:
     """``--html PATH`` and ``--json PATH``, written by :func:`write_report_files`."""
     parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
+
+
+def _unwritable(path: str, *, directory: bool) -> str | None:
+    """Why ``path`` cannot be written (None when it can), found without running anything.
+
+    A file is opened for appending (and removed again if it did not exist), so the check is the
+    real one, permissions, read-only mounts and root included; a directory must be creatable.
+    """
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if directory:
+        if p.exists() and not p.is_dir():
+            return f"{str(p)!r} exists and is not a directory."
+        probe = p
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            return f"cannot create or write in {str(p)!r} ({str(probe)!r} is not writable)."
+        return None
+    if p.is_dir():
+        return f"{str(p)!r} is a directory; give a file name, e.g. {str(p / 'report')!r}."
+    if not p.parent.is_dir():
+        return f"the folder {str(p.parent)!r} does not exist; create it first."
+    existed = p.exists()
+    try:
+        with open(p, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        return f"cannot write {str(p)!r}: {e.strerror or e}."
+    if not existed:
+        p.unlink()
+    return None
+
+
+def check_outputs(args: Any) -> str | None:
+    """The first unwritable output of a command (``--html``, ``--json``, ``-o/--out``), or None."""
+    for flag, attr, directory in (("--html", "html", False), ("--json", "json", False),
+                                  ("--out", "out", True)):
+        value = getattr(args, attr, None)
+        if value:
+            why = _unwritable(str(value), directory=directory)
+            if why is not None:
+                return f"{flag}: {why}"
+    return None
 
 
 def write_report_files(con: Any, report: Report, args: Any) -> None:
@@ -87,7 +141,7 @@ def print_report(con: Any, report: Report, lang: str, *, snippets: bool = True) 
                                           + "\n".join(lines)))
             if snippets and M.remedy_snippet(f.remedies[0], lang):
                 parts.append(Syntax(M.remedy_snippet(f.remedies[0], lang), "python",
-                                    theme="ansi_dark", background_color="default"))
+                                    theme="ansi_dark", background_color="default", word_wrap=True))
         title = (f"[{_SEV_STYLE.get(sev, 'bold')}]{k}. {escape(M.severity_label(sev, lang))}"
                  f"[/] {escape(M.finding_title(f.code, lang))} [dim]({f.code})[/dim]")
         con.print(Panel(Group(*parts), title=title, title_align="left", expand=True))
@@ -100,11 +154,13 @@ def trials_table(report: Report, lang: str) -> Any:
 
     time_axis = any(f.evidence.get("axis") == "time" for f in report.findings)
     t = Table(title=M.ui("trials", lang), caption=M.ui("trials_intro", lang))
-    t.add_column(M.ui("col_remedy", lang))
-    t.add_column(M.ui("col_time" if time_axis else "col_flow", lang), justify="right")
-    t.add_column(M.ui("col_loss", lang), justify="right")
-    t.add_column(M.ui("col_left", lang))
-    t.add_column(M.ui("col_effect", lang))
+    # overflow="fold": a word wider than its column (a finding code, a layer name, Korean text)
+    # is broken across lines, never cut with an ellipsis.
+    t.add_column(M.ui("col_remedy", lang), overflow="fold")
+    t.add_column(M.ui("col_time" if time_axis else "col_flow", lang), justify="right", overflow="fold")
+    t.add_column(M.ui("col_loss", lang), justify="right", overflow="fold")
+    t.add_column(M.ui("col_left", lang), overflow="fold")
+    t.add_column(M.ui("col_effect", lang), overflow="fold")
     md = report.metadata
     t.add_row(M.ui("baseline", lang), M.fmt_num(md.get("baseline_time" if time_axis else "baseline_flow", math.nan)),
               M.fmt_num(md.get("baseline_loss", math.nan)), ", ".join(report.codes) or "-", "",
@@ -122,9 +178,14 @@ def trials_table(report: Report, lang: str) -> Any:
     return t
 
 
+def stage_label(stage: str, lang: str) -> str:
+    """A progress stage in ``lang``: "baseline" and remedy codes by their titles, else as is."""
+    return M.ui("baseline", lang) if stage == "baseline" else M.remedy_title(stage, lang)
+
+
 @contextmanager
-def progress_bar(con: Any, label: str) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar fed by ``diagnose(progress=...)`` callbacks."""
+def progress_bar(con: Any, label: str, lang: str = "en") -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar fed by ``diagnose(progress=...)`` callbacks (stages named in ``lang``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -133,7 +194,7 @@ def progress_bar(con: Any, label: str) -> Iterator[Callable[[str, int, int], Non
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = prog.add_task(f"{label}: {stage}", total=total)
+                tasks[stage] = prog.add_task(f"{label}: {stage_label(stage, lang)}", total=total)
             prog.update(tasks[stage], completed=done)
 
         yield update

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget: remedies not started by then are listed as not tried")
     add_lang(parser)
-    parser.epilog = ("exit status: 0 no error-level finding, 1 at least one, 2 a usage error. "
+    parser.epilog = ("exit status: 0 no error-level finding, 1 at least one, 2 bad usage or input. "
                      "example: gradguard doctor sick.py:make --try-remedies --lang ko")
 
 
@@ -90,6 +90,8 @@ def load_factory(spec: str) -> Any:
         sys.path.insert(0, str(path.resolve().parent))
         try:
             loader.loader.exec_module(module)
+        except Exception as e:  # the user's file is input: exit 2 with one line
+            _fail(f"error: importing {where!r} raised {type(e).__name__}: {e}")
         finally:
             sys.path.pop(0)
     else:
@@ -97,6 +99,8 @@ def load_factory(spec: str) -> Any:
             module = importlib.import_module(where)
         except ImportError as e:
             _fail(f"error: cannot import module {where!r}: {e}")
+        except Exception as e:
+            _fail(f"error: importing module {where!r} raised {type(e).__name__}: {e}")
     fn = getattr(module, name, None)
     if fn is None:
         public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))

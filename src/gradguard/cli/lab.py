@@ -51,10 +51,12 @@ def _list(lang: str) -> int:
 
     ko = lang == "ko"
     tab = Table(title="실험 목록" if ko else "gradguard lab experiments", show_lines=True)
-    tab.add_column("이름" if ko else "name", no_wrap=True, style="bold")
-    tab.add_column("주장" if ko else "claim")
-    tab.add_column("출처" if ko else "source")
-    tab.add_column("시간 (빠른/전체)" if ko else "time quick/full", no_wrap=True)
+    # no_wrap keeps names whole where the width allows; overflow="fold" breaks them, never cuts
+    # them with an ellipsis, where it does not (80 or 120 columns, Korean included)
+    tab.add_column("이름" if ko else "name", style="bold", no_wrap=True, overflow="fold")
+    tab.add_column("주장" if ko else "claim", overflow="fold")
+    tab.add_column("출처" if ko else "source", overflow="fold")
+    tab.add_column("시간 (빠른/전체)" if ko else "time quick/full", no_wrap=True, overflow="fold")
     for info in lab.list_experiments():
         tab.add_row(info.name, info.claim(lang), info.source,
                     f"~{info.seconds_quick:.0f} s / ~{info.seconds_full:.0f} s")
@@ -102,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
 
     tab = Table(title=("gradguard 실험실 결과" if ko else "gradguard lab") + (" (quick)" if args.quick else ""))
-    tab.add_column("실험" if ko else "experiment", no_wrap=True, style="bold")
-    tab.add_column("판정" if ko else "verdict", no_wrap=True)
-    tab.add_column("판정 근거 숫자" if ko else "deciding numbers")
-    tab.add_column("시간" if ko else "time", justify="right", no_wrap=True)
+    tab.add_column("실험" if ko else "experiment", style="bold", no_wrap=True, overflow="fold")
+    tab.add_column("판정" if ko else "verdict", no_wrap=True, overflow="fold")
+    tab.add_column("판정 근거 숫자" if ko else "deciding numbers", overflow="fold")
+    tab.add_column("시간" if ko else "time", justify="right", no_wrap=True, overflow="fold")
     for r in results:
         tab.add_row(r.name, f"[{_STYLE[r.verdict]}]{escape(verdict_label(r.verdict, args.lang))}[/]",
                     escape(r.headline), f"{r.seconds:.1f} s")

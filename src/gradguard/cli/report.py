@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN.jsonl", help="the history file")
     add_report_files(parser)
     add_lang(parser)
-    parser.epilog = "example: gradguard report runs/guard.jsonl --html report.html --lang ko"
+    parser.epilog = ("exit status: 0 no error-level finding, 1 at least one, 2 bad usage or input. "
+                     "example: gradguard report runs/guard.jsonl --html report.html --lang ko")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from gradguard.recorded import read_jsonl, report
 
     con = console()
+    if Path(args.path).is_dir():
+        return error(f"{args.path!r} is a directory; pass the JSONL file a JSONLSink wrote.")
     try:
         history = read_jsonl(args.path)
-    except (FileNotFoundError, ValueError) as e:
-        return error(str(e))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as e:
+        return error(f"{args.path!r} is not a gradguard history: {e}"
+                     if isinstance(e, UnicodeDecodeError) else str(e))
     rep = report(history, lang=args.lang, source=str(args.path), model=Path(args.path).name)
     if rep.metadata.get("too_few_steps"):
         f = rep.findings[0]

@@ -12,27 +12,15 @@ gradients instead would decay momentum and apply weight decay (``specs/remedies.
 
 from __future__ import annotations
 
-import importlib
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from gradguard.history import History
+from gradguard._checks import require
+from gradguard.sinks import chart_rows, group_of
 
 __all__ = ["GuardCallbackMixin", "chart_rows", "group_of", "require", "run_guard"]
-
-
-def require(module: str, extra: str) -> Any:
-    """Import ``module`` or raise with the exact install command."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ModuleNotFoundError(
-            f"this gradguard integration needs `{module.split('.')[0]}`: "
-            f'pip install "gradguard[{extra}]"'
-        ) from e
 
 
 class GuardCallbackMixin:
@@ -72,63 +60,3 @@ class GuardCallbackMixin:
 def run_guard(guard: Any, optimizer: Any, loss: torch.Tensor | None = None) -> Any:
     """``guard.step`` for a step the framework makes next (cancelled by the Guard if skipped)."""
     return guard.step(optimizer, loss=loss, defer_step=True)
-
-
-def group_of(name: str) -> str:
-    """The chart a tensor's norm is folded into when there are too many tensors for one each.
-
-    Up to the first numeric component (a block of a ModuleList/Sequential:
-    ``"transformer.h.3.attn.c_attn.weight"`` -> ``"transformer.h.3"``), else the owning module
-    (``"encoder.norm.weight"`` -> ``"encoder.norm"``), else the name itself.
-    """
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) if len(parts) > 1 else name
-
-
-def chart_rows(
-    chunk: History, per_layer: bool | str, prefix: str = "gradguard/", norm_type: float = 2.0,
-    max_auto: int = 16,
-) -> list[tuple[int, dict[str, float]]]:
-    """One ``(step, {chart: value})`` per row of ``chunk``, for a framework's logger.
-
-    Charts: ``global_norm``, ``threshold`` (where finite), ``clipped``, ``skipped``, ``loss``
-    (where recorded), plus per-layer norms: ``per_layer=True`` one chart per tensor
-    (``grad_norm/<name>``); ``"auto"`` one per tensor up to ``max_auto`` tensors, else one per
-    block or module (:func:`group_of`; the ``norm_type``-norm of its tensors' norms); ``False``
-    none. Non-finite values are logged as they are: a NaN norm is information.
-    """
-    names = chunk.names
-    grouped = per_layer == "auto" and len(names) > max_auto
-    groups: dict[str, list[int]] = {}
-    if grouped:
-        for j, n in enumerate(names):
-            groups.setdefault(group_of(n), []).append(j)
-    rows = []
-    for i, step in enumerate(chunk.step):
-        m: dict[str, float] = {f"{prefix}global_norm": chunk.global_norm[i],
-                               f"{prefix}clipped": float(chunk.clipped[i]),
-                               f"{prefix}skipped": float(chunk.skipped[i])}
-        thr = chunk.threshold[i]
-        if not math.isnan(thr) and not math.isinf(thr):
-            m[f"{prefix}threshold"] = thr
-        if not math.isnan(chunk.loss[i]):
-            m[f"{prefix}loss"] = chunk.loss[i]
-        layer = chunk.layer_norm[i]
-        if grouped:
-            for g, idx in groups.items():
-                m[f"{prefix}grad_norm/{g}"] = _combine((layer[j] for j in idx), norm_type)
-        elif per_layer:
-            for n, v in zip(names, layer):
-                m[f"{prefix}grad_norm/{n}"] = v
-        rows.append((step, m))
-    return rows
-
-
-def _combine(norms: Iterable[float], p: float) -> float:
-    vals = list(norms)
-    if p == math.inf:
-        return max(vals)
-    return math.fsum(v ** p for v in vals) ** (1.0 / p)

@@ -25,6 +25,13 @@ momentum, Adam moments and step counts stay bit-identical; weight decay is not a
 16-mixed the GradScaler still runs its ``step``/``update`` as usual (a no-op step; its
 scale backs off only if it found an Inf itself).
 
+**Your own hook sees the gradients.** Lightning calls the LightningModule's
+``on_before_optimizer_step`` after every callback's. On a cancelled step the callback gives the
+gradients back after deciding and drops them only right before the update, from a step pre-hook
+on the optimizer (wrapping ``step``'s closure, which runs every hook inside ``step``): the
+module's hook reads them as they were, and ``callback.last_outcome.skipped`` tells it the step
+will be cancelled.
+
 What it cannot do, and why:
 
 * Lightning still counts a skipped step in ``trainer.global_step`` and still steps the LR
@@ -120,6 +127,9 @@ class GradGuardCallback(Callback, GuardCallbackMixin):
                               log_per_layer=log_per_layer, sinks=sinks, flush_every=flush_every,
                               guard_kwargs=guard_kwargs)
         self._loss_sum: torch.Tensor | None = None
+        self._params: list[torch.nn.Parameter] = []
+        self._cancel: list[torch.nn.Parameter] | None = None  # a decided, not yet applied, cancel
+        self._hooked: dict[int, Any] = {}  # optimizer id -> its step pre-hook handle
 
     @property
     def state_key(self) -> str:
@@ -156,6 +166,7 @@ class GradGuardCallback(Callback, GuardCallbackMixin):
             norm_type = float(getattr(self._clip, "norm_type", 2.0))
             sinks = [*self._sinks, _TrainerLoggers(trainer, self.log_per_layer, norm_type)]
             self.guard = gg.Guard(pl_module, clip=self._clip, sinks=sinks, **self._guard_kwargs)
+            self._params = [p for p in pl_module.parameters() if p.requires_grad]
         if self._pending_state is not None:
             self.guard.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -180,11 +191,59 @@ class GradGuardCallback(Callback, GuardCallbackMixin):
             # so the Guard sees true gradients. scaler.step then passes grad_scale=None.
             scaler.unscale_(optimizer)
         loss, self._loss_sum = self._loss_sum, None
+        kept = [p.grad for p in self._params]
         self.last_outcome = run_guard(self.guard, optimizer, loss)
+        if all(p.grad is None for p in self._params) and any(g is not None for g in kept):
+            # Cancelled. The LightningModule's own on_before_optimizer_step runs after this hook
+            # and may read the gradients: give them back, and drop them only right before the
+            # update (the step pre-hook below), which is what cancels it.
+            for p, g in zip(self._params, kept):
+                p.grad = g
+            self._cancel = self._params
+        self._hook(optimizer)
+
+    # -- the cancellation, applied right before the update ---------------------------------------
+    def _hook(self, optimizer: Any) -> None:
+        if id(optimizer) not in self._hooked and hasattr(optimizer, "register_step_pre_hook"):
+            self._hooked[id(optimizer)] = optimizer.register_step_pre_hook(self._before_step)
+
+    def _drop_cancelled(self) -> None:
+        if self._cancel is not None:
+            for p in self._cancel:
+                p.grad = None
+            self._cancel = None
+
+    def _before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``optimizer.step`` pre-hook. Under 16-mixed the closure has run (the scaler calls
+        ``step()`` without one): drop now. Otherwise ``step(closure)`` runs the closure, and with
+        it every hook, inside: wrap it so that the drop follows the closure and precedes the
+        update."""
+        closure = kwargs.get("closure")
+        if closure is None and args and callable(args[0]):
+            closure = args[0]
+        if closure is None:
+            self._drop_cancelled()
+            return None
+
+        def closure_then_cancel() -> Any:
+            out = closure()
+            self._drop_cancelled()
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_cancel}
+        return (closure_then_cancel, *args[1:]), kwargs
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._cancel = None  # e.g. the GradScaler skipped the step itself
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.guard is not None:
             self.guard.flush()
+        for handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -53,9 +53,14 @@ Logging: at each logging step the callback flushes the Guard (one host read) and
 Trainer's ``logs`` and ``state.log_history``: ``gradguard/grad_norm`` (the last step's pre-clip
 norm), ``gradguard/grad_norm_max``, ``gradguard/clipped`` and ``gradguard/skipped`` (counts since
 the previous log), ``gradguard/threshold``, and, with ``log_per_layer``, per-layer norms.
-Callbacks after this one (and ``log_history``) see these keys; reporting integrations registered
-earlier by ``report_to`` run before it, so put it first to reach them:
-``trainer.callback_handler.callbacks.insert(0, callback)``, or add a gradguard sink.
+``report_to`` integrations (TensorBoard, W&B, MLflow, ...) are registered before user callbacks
+and would log before these keys exist, so at ``on_train_begin`` the callback puts a small
+log-only companion at the front of the Trainer's callback list (it finds the ``CallbackHandler``
+that calls it): the reporters then log gradguard's keys with their own, while the callback itself
+keeps its place for the gradient hooks (a user callback listed before it still runs first).
+Registering the callback twice (or two GradGuardCallbacks on one Trainer) would step two Guards,
+or one Guard twice, per optimizer step and double every statistic: the callback refuses it with
+a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -140,7 +146,44 @@ class GradGuardCallback(TrainerCallback, GuardCallbackMixin):
         self._norm_type = 2.0
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _take_the_front(self) -> None:
+        """Refuse a double registration; put a log companion at the front of the handler's list.
+
+        The ``CallbackHandler`` is found on the call stack (the frame of ``call_event`` that
+        calls ``on_train_begin``). The list is replaced, not mutated, so the loop over the old
+        list that is running now is not disturbed.
+        """
+        handler_type = getattr(_T.trainer_callback, "CallbackHandler", None)
+        frame = sys._getframe(1)
+        handler = None
+        for _ in range(6):
+            if frame is None:
+                break
+            cand = frame.f_locals.get("self")
+            if handler_type is not None and isinstance(cand, handler_type):
+                handler = cand
+                break
+            frame = frame.f_back
+        if handler is None:
+            log.info("gradguard: no CallbackHandler on the stack; report_to loggers registered "
+                     "before the callback will not see gradguard's keys")
+            return
+        ours = [c for c in handler.callbacks if isinstance(c, GradGuardCallback)]
+        if len(ours) > 1:
+            same = all(c is self for c in ours)
+            raise ValueError(
+                (f"this GradGuardCallback is registered {len(ours)} times"
+                 if same else f"{len(ours)} GradGuardCallbacks are registered")
+                + " on one Trainer (e.g. callbacks=[cb] and callback_handler.callbacks.insert(0, "
+                "cb)); each would guard every optimizer step again and every statistic would be "
+                "doubled. Register one GradGuardCallback once: callbacks=[cb] is enough (its "
+                "keys reach the report_to loggers by themselves)."
+            )
+        if not any(isinstance(c, _LogFirst) and c.owner is self for c in handler.callbacks):
+            handler.callbacks = [_LogFirst(self), *handler.callbacks]  # a new list: see above
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._take_the_front()
         if getattr(args, "deepspeed", None):
             raise ValueError(
                 "GradGuardCallback does not support DeepSpeed: the engine clips and steps "
@@ -170,7 +213,7 @@ class GradGuardCallback(TrainerCallback, GuardCallbackMixin):
         if self._pending_state is None and state.global_step > 0:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_FILE
             if path.exists():
-                self._pending_state = torch.load(path, map_location="cpu", weights_only=False)
+                self._pending_state = torch.load(path, map_location="cpu", weights_only=True)
             else:
                 log.warning("gradguard: resuming at step %d but %s does not exist; the Guard "
                             "starts fresh (call load_checkpoint(dir) before train() for a "
@@ -202,6 +245,10 @@ class GradGuardCallback(TrainerCallback, GuardCallbackMixin):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
+        self._add_logs(state, logs)
+
+    def _add_logs(self, state: Any, logs: dict[str, Any] | None) -> None:
+        """gradguard's keys into ``logs`` once per logging step (the companion comes first)."""
         if self.guard is None or logs is None:
             return
         self.guard.flush()  # [sync] one read per logging step
@@ -248,7 +295,7 @@ class GradGuardCallback(TrainerCallback, GuardCallbackMixin):
                 f"{str(path)!r} does not exist: `checkpoint_dir` must be a checkpoint folder that "
                 "a Trainer with GradGuardCallback saved (it holds gradguard.pt)."
             )
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def state_dict(self) -> dict[str, Any]:
         """The Guard's state (or the state waiting to be applied)."""
@@ -261,3 +308,17 @@ class GradGuardCallback(TrainerCallback, GuardCallbackMixin):
             self._pending_state = state_dict
         else:
             self.guard.load_state_dict(state_dict)
+
+
+class _LogFirst(TrainerCallback):
+    """Runs first in ``on_log`` so that the ``report_to`` loggers after it see gradguard's keys.
+
+    The keys are added once per logging step: the owner's own ``on_log`` then finds nothing new.
+    """
+
+    def __init__(self, owner: GradGuardCallback) -> None:
+        self.owner = owner
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        self.owner._add_logs(state, logs)

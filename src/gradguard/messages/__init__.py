@@ -9,6 +9,7 @@ numbers; nothing else in the library holds user-facing text.
 from __future__ import annotations
 
 import math
+import re
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +198,7 @@ def finding_text(f: Finding, lang: str = "en") -> str:
         return ""
     variants: dict[str, str] = entry["text"]  # type: ignore[assignment]
     template = variants.get(finding_variant(f)) or next(iter(variants.values()))
-    return template.format_map(_fill(f, lang))
+    return fill_template(template, _fill(f, lang))
 
 
 def cause_title(code: str, lang: str = "en") -> str:
@@ -227,7 +228,26 @@ def note_text(code: str, lang: str = "en") -> str:
 def ui(key: str, lang: str = "en", **kw: Any) -> str:
     """A piece of the report's own wording (headings, column names), formatted with ``kw``."""
     text = _cat(lang).UI.get(key, en.UI.get(key, key))
-    return text.format(**kw) if kw else text
+    return fill_template(text, kw) if kw else text
+
+
+# "{n|layer|layers}": the singular when the value of n is 1, else the plural (English needs it;
+# Korean has no grammatical number, so ko.py never uses it).
+_PLURAL = re.compile(r"\{(\w+)\|([^{}|]*)\|([^{}|]*)\}")
+
+
+def fill_template(template: str, values: Any) -> str:
+    """``template.format_map(values)`` after choosing ``{n|one|many}`` by the value of ``n``."""
+
+    def choose(m: re.Match[str]) -> str:
+        v = values.get(m.group(1)) if hasattr(values, "get") else None
+        try:
+            one = float(str(v).replace(",", "")) == 1
+        except ValueError:
+            one = False
+        return m.group(2) if one else m.group(3)
+
+    return _PLURAL.sub(choose, template).format_map(values)
 
 
 def severity_label(severity: Any, lang: str = "en") -> str:

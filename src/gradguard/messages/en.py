@@ -12,12 +12,12 @@ FINDINGS: dict[str, dict[str, object]] = {
             "depth": (
                 "Gradients shrink on their way back to the input. The first layer, {first_layer}, "
                 "gets a gradient {ratio} times that of the best-fed later layer: about ×{decay} "
-                "per layer over {depth} layers. {n_layers} layers sit at least 10× below it, so "
+                "per layer over {depth} {depth|layer|layers}. {n_layers} {n_layers|layer sits|layers sit} at least 10× below it, so "
                 "they barely learn."
             ),
             "time": (
                 "The gradient fades through time inside {first_layer}: the first of "
-                "{time_steps} time steps receives {ratio} times the gradient of the last, a factor "
+                "{time_steps} {time_steps|time step|time steps} receives {ratio} times the gradient of the last, a factor "
                 "of about ×{decay} per step. The layer cannot learn anything that depends on "
                 "more than a few steps back."
             ),
@@ -38,7 +38,7 @@ FINDINGS: dict[str, dict[str, object]] = {
             ),
             "time": (
                 "The gradient grows through time inside {first_layer}: the first of "
-                "{time_steps} time steps receives {ratio} times the gradient of the last, about "
+                "{time_steps} {time_steps|time step|time steps} receives {ratio} times the gradient of the last, about "
                 "×{growth_step} per step. Longer sequences or larger weights will overflow."
             ),
             "steps": (
@@ -51,8 +51,8 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "Non-finite gradients (NaN/Inf)",
         "text": {
             "text": (
-                "Gradients became NaN or Inf at step {first_step} ({steps} of {rows} steps) while "
-                "the loss was still finite. {n_layers} layers carried them; backpropagation met "
+                "Gradients became NaN or Inf at step {first_step} ({steps} of {rows} {rows|step|steps}) while "
+                "the loss was still finite. {n_layers} {n_layers|layer|layers} carried them; backpropagation met "
                 "them first at {origin}, the deepest of those layers."
             ),
         },
@@ -80,8 +80,8 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "Saturated activations",
         "text": {
             "text": (
-                "{ops} units are pinned near their bounds, where their derivative is under 5% of "
-                "its peak: up to {worst_pct} of the outputs in {n_layers} layers (mean "
+                "{ops} {ops|unit is|units are} pinned near their bounds, where their derivative is under 5% of "
+                "its peak: up to {worst_pct} of the outputs in {n_layers} {n_layers|layer|layers} (mean "
                 "{mean_pct}). Saturated units pass almost no gradient back."
             ),
         },
@@ -90,13 +90,13 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "Dead ReLU units",
         "text": {
             "init": (
-                "In {n_layers} layers, up to {worst_pct} of the ReLU units (mean {mean_pct}) were "
+                "In {n_layers} {n_layers|layer|layers}, up to {worst_pct} of the ReLU units (mean {mean_pct}) were "
                 "active on fewer than 1% of the sampled examples. A dead unit outputs 0 and gets 0 "
                 "gradient, so it cannot come back by itself."
             ),
             "training": (
                 "ReLU units died during training: over the last steps, up to {worst_pct} of the "
-                "units in {n_layers} layers (mean {mean_pct}) were active on fewer than 1% of the "
+                "units in {n_layers} {n_layers|layer|layers} (mean {mean_pct}) were active on fewer than 1% of the "
                 "examples, many more than at the start. Large updates pushed their inputs below "
                 "zero for almost every example."
             ),
@@ -107,13 +107,13 @@ FINDINGS: dict[str, dict[str, object]] = {
         "text": {
             "shrinks": (
                 "Activations shrink geometrically with depth: the output scale (RMS) falls from "
-                "{first_rms} to {last_rms} over {depth} layers, about ×{factor} per layer. The "
+                "{first_rms} to {last_rms} over {depth} {depth|layer|layers}, about ×{factor} per layer. The "
                 "initial weights are too small for this activation, and the backward pass "
                 "shrinks the same way."
             ),
             "grows": (
                 "Activations grow geometrically with depth: the output scale (RMS) rises from "
-                "{first_rms} to {last_rms} over {depth} layers, about ×{factor} per layer. The "
+                "{first_rms} to {last_rms} over {depth} {depth|layer|layers}, about ×{factor} per layer. The "
                 "initial weights are too large for this activation."
             ),
         },
@@ -148,11 +148,11 @@ FINDINGS: dict[str, dict[str, object]] = {
         "text": {
             "loss": (
                 "The loss jumped ×{ratio} above its recent median at step {first_step} "
-                "(robust z-score {z}) and came back down: {count} such spike(s) in the run."
+                "(robust z-score {z}) and came back down: {count} such {count|spike|spikes} in the run."
             ),
             "grad_norm": (
                 "The gradient norm jumped ×{ratio} above its recent median at step {first_step} "
-                "(robust z-score {z}) and came back down: {count} such spike(s) in the run."
+                "(robust z-score {z}) and came back down: {count} such {count|spike|spikes} in the run."
             ),
         },
     },
@@ -439,7 +439,7 @@ UI: dict[str, str] = {
     "severity_warning": "WARNING",
     "severity_error": "ERROR",
     "layers": "Layers",
-    "no_layers": "(not tied to a layer)",
+    "no_layers": "the whole network (no single layer)",
     "more_layers": "… and {n} more",
     "causes": "Likely causes",
     "remedies": "Remedies",
@@ -461,8 +461,8 @@ UI: dict[str, str] = {
     "not_tried": "not tried",
     "none": "none",
     "resolves": "resolves {codes}",
-    "run_summary": "{mode}: {steps} steps on {model} ({params} parameters)",
-    "run_summary_history": "{mode}: {steps} steps, {tensors} tensors ({model})",
+    "run_summary": "{mode}: {steps} {steps|step|steps} on {model} ({params} {params|parameter|parameters})",
+    "run_summary_history": "{mode}: {steps} {steps|step|steps}, {tensors} {tensors|tensor|tensors} ({model})",
     "mode_train": "training run",
     "mode_examine": "examination at the current weights",
     "mode_history": "recorded run",
@@ -484,10 +484,10 @@ UI: dict[str, str] = {
     "demo_trying": "Trying remedies",
     "demo_training": "Training the best remedy",
     "demo_best": "Best remedy: {remedy}",
-    "demo_accuracy": "Test accuracy after {epochs} epochs: {acc} with {remedy}, against {base} for the network as it was.",
+    "demo_accuracy": "Test accuracy after {epochs} {epochs|epoch|epochs}: {acc} with the remedy \u201c{remedy}\u201d, against {base} for the network as it was.",
     "demo_no_remedy": "No remedy improved on the baseline.",
     "wrote": "Wrote {path}",
-    "report_from": "Findings from {path} ({steps} steps)",
+    "report_from": "Findings from {path} ({steps} {steps|step|steps})",
     "factory_loaded": "Model from {spec}",
 }
 

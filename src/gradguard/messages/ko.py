@@ -9,15 +9,15 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "기울기 소실 (vanishing gradients)",
         "text": {
             "depth": (
-                "입력 쪽으로 역전파될수록 그래디언트가 점점 작아지고 있습니다. 첫 레이어"
-                "({first_layer})가 받는 그래디언트는 가장 잘 학습되는 뒤쪽 레이어의 {ratio}배에 "
+                "입력 쪽으로 역전파될수록 기울기가 점점 작아지고 있습니다. 첫 레이어"
+                "({first_layer})가 받는 기울기는 가장 잘 학습되는 뒤쪽 레이어의 {ratio}배에 "
                 "불과하고, {depth}개 레이어를 지나는 동안 레이어마다 약 ×{decay}씩 줄어듭니다. "
-                "{n_layers}개 레이어가 10배 이상 작은 그래디언트를 받고 있어서 사실상 학습이 "
+                "{n_layers}개 레이어가 10배 이상 작은 기울기를 받고 있어서 사실상 학습이 "
                 "거의 되지 않습니다."
             ),
             "time": (
-                "{first_layer} 안에서 시간 축을 따라 그래디언트가 사라지고 있습니다. "
-                "{time_steps}개 타임스텝 중 첫 스텝이 받는 그래디언트는 마지막 스텝의 {ratio}배이고, "
+                "{first_layer} 안에서 시간 축을 따라 기울기가 사라지고 있습니다. "
+                "{time_steps}개 타임스텝 중 첫 스텝이 받는 기울기는 마지막 스텝의 {ratio}배이고, "
                 "한 스텝마다 약 ×{decay}씩 줄어듭니다. 이 상태로는 몇 스텝 이전의 정보에 "
                 "의존하는 패턴을 배울 수 없습니다."
             ),
@@ -27,32 +27,32 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "기울기 폭주 (exploding gradients)",
         "text": {
             "depth": (
-                "입력 쪽으로 역전파될수록 그래디언트가 커지고 있습니다. 첫 레이어의 그래디언트가 "
+                "입력 쪽으로 역전파될수록 기울기가 커지고 있습니다. 첫 레이어의 기울기가 "
                 "뒤쪽에서 가장 작은 레이어의 {ratio}배로, 레이어마다 약 ×{growth}씩 불어납니다. "
                 "평범한 학습률로도 한 번의 업데이트가 앞쪽 레이어를 엉뚱한 곳으로 날려 버립니다."
             ),
             "weights": (
-                "그래디언트가 해당 가중치 자체보다 {rel_grad}배나 큽니다(시작 가중치 기준, 레이어 "
+                "기울기가 해당 가중치 자체보다 {rel_grad}배나 큽니다(시작 가중치 기준, 레이어 "
                 "중앙값). 이러면 SGD 한 스텝이 가중치를 조금 고치는 게 아니라 통째로 갈아엎게 "
                 "됩니다."
             ),
             "time": (
-                "{first_layer} 안에서 시간 축을 따라 그래디언트가 불어나고 있습니다. "
-                "{time_steps}개 타임스텝 중 첫 스텝이 받는 그래디언트가 마지막 스텝의 {ratio}배로, "
+                "{first_layer} 안에서 시간 축을 따라 기울기가 불어나고 있습니다. "
+                "{time_steps}개 타임스텝 중 첫 스텝이 받는 기울기가 마지막 스텝의 {ratio}배로, "
                 "한 스텝마다 약 ×{growth_step}씩 커집니다. 시퀀스가 길어지거나 가중치가 조금만 "
                 "더 커져도 오버플로가 납니다."
             ),
             "steps": (
-                "학습하는 동안 전체 그래디언트 노름이 약 {early_norm}에서 {peak_norm}까지 "
+                "학습하는 동안 전체 기울기 노름이 약 {early_norm}에서 {peak_norm}까지 "
                 "치솟았고(×{growth}), 끝까지 처음보다 ×{sustained} 높은 수준에 머물렀습니다."
             ),
         },
     },
     "nonfinite_gradients": {
-        "title": "그래디언트에 NaN/Inf 발생",
+        "title": "기울기에 NaN/Inf 발생",
         "text": {
             "text": (
-                "손실은 아직 유한한데 {first_step}번째 스텝에서 그래디언트가 NaN이나 Inf가 "
+                "손실은 아직 유한한데 {first_step}번째 스텝에서 기울기가 NaN이나 Inf가 "
                 "되었습니다(전체 {rows}스텝 중 {steps}스텝). {n_layers}개 레이어가 영향을 받았고, "
                 "역전파 중에 처음 만난 곳은 그중 가장 깊은 레이어인 {origin}입니다."
             ),
@@ -71,7 +71,7 @@ FINDINGS: dict[str, dict[str, object]] = {
             ),
             "training": (
                 "{first_step}스텝 동안 멀쩡하던 손실이 {first_step}번째 스텝에서 NaN이나 Inf가 "
-                "되었습니다(마지막 정상 손실 {last_finite_loss}). 그 전에 그래디언트 노름이 이미 "
+                "되었습니다(마지막 정상 손실 {last_finite_loss}). 그 전에 기울기 노름이 이미 "
                 "×{growth_before} 커져 있었고, 출력이 처음으로 깨진 레이어는 {origin}입니다."
             ),
         },
@@ -82,7 +82,7 @@ FINDINGS: dict[str, dict[str, object]] = {
             "text": (
                 "{ops} 유닛이 출력 범위의 끝에 붙어 버렸습니다. 도함수가 최댓값의 5%도 안 되는 "
                 "구간으로, {n_layers}개 레이어에서 출력의 최대 {worst_pct}(평균 {mean_pct})가 이 "
-                "상태입니다. 포화된 유닛은 그래디언트를 거의 뒤로 전달하지 못합니다."
+                "상태입니다. 포화된 유닛은 기울기를 거의 뒤로 전달하지 못합니다."
             ),
         },
     },
@@ -91,7 +91,7 @@ FINDINGS: dict[str, dict[str, object]] = {
         "text": {
             "init": (
                 "{n_layers}개 레이어에서 ReLU 유닛의 최대 {worst_pct}(평균 {mean_pct})가 샘플링한 "
-                "입력 중 1%도 안 되는 곳에서만 켜졌습니다. 죽은 유닛은 0만 출력하고 그래디언트도 "
+                "입력 중 1%도 안 되는 곳에서만 켜졌습니다. 죽은 유닛은 0만 출력하고 기울기도 "
                 "0이라서 스스로 되살아나지 못합니다."
             ),
             "training": (
@@ -109,7 +109,7 @@ FINDINGS: dict[str, dict[str, object]] = {
                 "레이어를 지날 때마다 활성값이 기하급수적으로 작아집니다. 출력 스케일(RMS)이 "
                 "{depth}개 레이어에 걸쳐 {first_rms}에서 {last_rms} 수준까지, 레이어마다 약 "
                 "×{factor}씩 줄어듭니다. 이 활성화 함수에 비해 초기 가중치가 너무 작은 것이고, 역전파되는 "
-                "그래디언트도 똑같이 줄어듭니다."
+                "기울기도 똑같이 줄어듭니다."
             ),
             "grows": (
                 "레이어를 지날 때마다 활성값이 기하급수적으로 커집니다. 출력 스케일(RMS)이 "
@@ -151,7 +151,7 @@ FINDINGS: dict[str, dict[str, object]] = {
                 "{z}) 다시 내려왔습니다. 이런 스파이크가 모두 {count}번 있었습니다."
             ),
             "grad_norm": (
-                "{first_step}번째 스텝에서 그래디언트 노름이 최근 중앙값보다 ×{ratio} 튀었다가"
+                "{first_step}번째 스텝에서 기울기 노름이 최근 중앙값보다 ×{ratio} 튀었다가"
                 "(robust z-score {z}) 다시 내려왔습니다. 이런 스파이크가 모두 {count}번 "
                 "있었습니다."
             ),
@@ -210,7 +210,7 @@ CAUSES: dict[str, dict[str, str]] = {
     },
     "small_init": {
         "title": "너무 작은 초기 가중치",
-        "text": "레이어마다 순전파 신호와 역전파 그래디언트가 함께 줄어듭니다.",
+        "text": "레이어마다 순전파 신호와 역전파 기울기가 함께 줄어듭니다.",
     },
     "large_init": {
         "title": "너무 큰 초기 가중치",
@@ -242,7 +242,7 @@ CAUSES: dict[str, dict[str, str]] = {
     },
     "dying_relu": {
         "title": "죽은 ReLU",
-        "text": "모든 샘플에서 입력이 음수인 ReLU는 0만 출력하고 그래디언트도 0이라, 스스로는 "
+        "text": "모든 샘플에서 입력이 음수인 ReLU는 0만 출력하고 기울기도 0이라, 스스로는 "
                 "되살아나지 못합니다.",
     },
     "bad_bias_init": {
@@ -253,7 +253,7 @@ CAUSES: dict[str, dict[str, str]] = {
     "outlier_batch": {
         "title": "이상치 배치",
         "text": "특이한 배치 하나(잘못된 레이블, 정규화 안 된 입력, 극단값)가 유난히 큰 손실이나 "
-                "그래디언트를 만들었습니다.",
+                "기울기를 만들었습니다.",
     },
 }
 
@@ -296,7 +296,7 @@ REMEDIES: dict[str, dict[str, str]] = {
     "orthogonal_init": {
         "title": "직교(orthogonal) 초기화",
         "text": "직교 행렬은 노름을 그대로 보존하므로, 같은 행렬을 여러 번 곱해도(깊이든 "
-                "타임스텝이든) 그래디언트가 줄거나 폭주하지 않습니다(Saxe et al. 2014).",
+                "타임스텝이든) 기울기가 줄거나 폭주하지 않습니다(Saxe et al. 2014).",
         "snippet": (
             "for name, p in model.named_parameters():\n"
             "    if name.startswith(\"rnn.weight_hh\") or p.ndim == 2:\n"
@@ -316,7 +316,7 @@ REMEDIES: dict[str, dict[str, str]] = {
     },
     "residual_connections": {
         "title": "잔차 연결(skip connection) 추가",
-        "text": "블록을 건너뛰는 항등 경로가 그래디언트를 줄이지 않고 그대로 전달합니다(He et al. "
+        "text": "블록을 건너뛰는 항등 경로가 기울기를 줄이지 않고 그대로 전달합니다(He et al. "
                 "2016).",
         "snippet": (
             "class Block(nn.Module):\n"
@@ -326,12 +326,12 @@ REMEDIES: dict[str, dict[str, str]] = {
             "        self.ff = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))\n"
             "\n"
             "    def forward(self, x):\n"
-            "        return x + self.ff(self.norm(x))  # 항등 경로로 그래디언트가 흐릅니다"
+            "        return x + self.ff(self.norm(x))  # 항등 경로로 기울기가 흐릅니다"
         ),
     },
     "gradient_clipping": {
-        "title": "그래디언트 노름 클리핑",
-        "text": "그래디언트 노름이 임계값을 넘으면 크기를 줄여서, 나쁜 스텝 하나가 가중치를 날려 "
+        "title": "기울기 노름 클리핑",
+        "text": "기울기 노름이 임계값을 넘으면 크기를 줄여서, 나쁜 스텝 하나가 가중치를 날려 "
                 "버리지 못하게 합니다(Pascanu et al. 2013).",
         "snippet": (
             "loss.backward()\n"
@@ -367,13 +367,13 @@ REMEDIES: dict[str, dict[str, str]] = {
     },
     "adaptive_optimizer": {
         "title": "적응형 옵티마이저(Adam) 사용",
-        "text": "Adam은 파라미터마다 자기 그래디언트 이력으로 스텝 크기를 조절하므로, 레이어별 "
-                "그래디언트 스케일 차이에 훨씬 덜 민감합니다.",
+        "text": "Adam은 파라미터마다 자기 기울기 이력으로 스텝 크기를 조절하므로, 레이어별 "
+                "기울기 스케일 차이에 훨씬 덜 민감합니다.",
         "snippet": "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)",
     },
     "gated_recurrence": {
         "title": "게이트가 있는 순환 레이어(GRU/LSTM) 사용",
-        "text": "게이트가 시간 축으로 덧셈 경로를 만들어 주기 때문에 그래디언트가 여러 스텝을 "
+        "text": "게이트가 시간 축으로 덧셈 경로를 만들어 주기 때문에 기울기가 여러 스텝을 "
                 "버틸 수 있습니다(Hochreiter & Schmidhuber 1997).",
         "snippet": (
             "self.rnn = nn.GRU(input_size, hidden_size, batch_first=True)  # nn.RNN 자리에 그대로\n"
@@ -386,8 +386,8 @@ REMEDIES: dict[str, dict[str, str]] = {
         "snippet": "optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)",
     },
     "skip_nonfinite_steps": {
-        "title": "NaN/Inf 그래디언트 스텝 건너뛰기",
-        "text": "그래디언트가 유한하지 않은 업데이트는 적용하지 않습니다. 가중치는 멀쩡하게 "
+        "title": "NaN/Inf 기울기 스텝 건너뛰기",
+        "text": "기울기가 유한하지 않은 업데이트는 적용하지 않습니다. 가중치는 멀쩡하게 "
                 "남습니다.",
         "snippet": (
             "loss.backward()\n"
@@ -397,8 +397,8 @@ REMEDIES: dict[str, dict[str, str]] = {
         ),
     },
     "spike_skipping": {
-        "title": "그래디언트 노름이 튀는 스텝 건너뛰기",
-        "text": "그래디언트 노름이 최근 중앙값보다 훨씬 크게 튀면 그 업데이트는 버립니다.",
+        "title": "기울기 노름이 튀는 스텝 건너뛰기",
+        "text": "기울기 노름이 최근 중앙값보다 훨씬 크게 튀면 그 업데이트는 버립니다.",
         "snippet": (
             "norm = float(gg.grad_stats(model.parameters()).global_norm)\n"
             "if norm < 10 * running_median:\n"
@@ -407,7 +407,7 @@ REMEDIES: dict[str, dict[str, str]] = {
     },
     "leaky_relu": {
         "title": "LeakyReLU 사용",
-        "text": "음수 쪽에 작은 기울기를 남겨 두면 꺼진 유닛에도 그래디언트가 흘러서 다시 살아날 "
+        "text": "음수 쪽에 작은 기울기를 남겨 두면 꺼진 유닛에도 기울기가 흘러서 다시 살아날 "
                 "수 있습니다.",
         "snippet": "nn.LeakyReLU(0.01)  # nn.ReLU() 대신",
     },
@@ -432,13 +432,13 @@ NOTES: dict[str, str] = {
 
 UI: dict[str, str] = {
     "report_title": "gradguard 진단",
-    "healthy": "문제를 찾지 못했습니다. 그래디언트가 잘 흐르고 있습니다.",
+    "healthy": "문제를 찾지 못했습니다. 기울기가 잘 흐르고 있습니다.",
     "findings": "진단 결과",
     "severity_info": "참고",
     "severity_warning": "경고",
     "severity_error": "오류",
     "layers": "레이어",
-    "no_layers": "(특정 레이어와 무관)",
+    "no_layers": "네트워크 전체 (특정 레이어 아님)",
     "more_layers": "… 외 {n}개",
     "causes": "추정 원인",
     "remedies": "처방",
@@ -447,7 +447,7 @@ UI: dict[str, str] = {
     "trials": "복사본에 시도해 본 처방",
     "trials_intro": "처방마다 새 복사본에 적용하고, 같은 시드로 같은 스텝만큼 다시 돌려 보았습니다.",
     "col_remedy": "처방",
-    "col_flow": "첫/끝 레이어 그래디언트 비",
+    "col_flow": "첫/끝 레이어 기울기 비",
     "col_time": "첫/끝 타임스텝 비",
     "col_loss": "실행 후 손실",
     "col_left": "남은 문제",
@@ -465,13 +465,13 @@ UI: dict[str, str] = {
     "mode_train": "학습 실행",
     "mode_examine": "현재 가중치 검사",
     "mode_history": "기록된 학습",
-    "plot_layers": "레이어별 그래디언트 노름 (스텝 중앙값)",
-    "plot_heatmap": "그래디언트 노름, 레이어 × 스텝",
+    "plot_layers": "레이어별 기울기 노름 (스텝 중앙값)",
+    "plot_heatmap": "기울기 노름, 레이어 × 스텝",
     "plot_loss": "손실",
     "plot_trials": "처방별 손실 곡선",
     "axis_layer": "레이어 (입력 → 출력)",
     "axis_step": "스텝",
-    "axis_norm": "그래디언트 노름",
+    "axis_norm": "기울기 노름",
     "axis_loss": "손실",
     "html_plots": "그래프",
     "html_run": "실행 정보",
@@ -483,7 +483,7 @@ UI: dict[str, str] = {
     "demo_trying": "처방 시도 중",
     "demo_training": "가장 좋은 처방으로 학습 중",
     "demo_best": "가장 효과가 큰 처방: {remedy}",
-    "demo_accuracy": "{epochs} 에폭 학습 후 테스트 정확도: {remedy} 적용 시 {acc}, 원래 네트워크는 {base}.",
+    "demo_accuracy": "{epochs} 에포크 학습 후 테스트 정확도: {remedy} 적용 시 {acc}, 원래 네트워크는 {base}.",
     "demo_no_remedy": "기준보다 나아진 처방이 없습니다.",
     "wrote": "{path} 저장함",
     "report_from": "{path}의 진단 결과 ({steps}스텝)",

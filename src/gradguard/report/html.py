@@ -11,7 +11,8 @@ from typing import Any
 __all__ = ["escape", "figure_tag", "page", "table"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans KR",sans-serif;max-width:1100px;
+body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans KR","Noto Sans CJK KR",
+"Apple SD Gothic Neo","Malgun Gothic","NanumGothic","Nanum Gothic",sans-serif;max-width:1100px;
 margin:2rem auto;padding:0 1rem;color:#1b1f24;line-height:1.5}
 h1{font-size:1.7rem;margin-bottom:.2rem}h2{font-size:1.3rem;margin-top:2.2rem;border-bottom:1px solid #d0d7de}
 h3{font-size:1.08rem}table{border-collapse:collapse;margin:.8rem 0;font-size:.92rem}
@@ -22,6 +23,7 @@ th{background:#f6f8fa}img{max-width:100%;height:auto;display:block;margin:.6rem 
 .partly{color:#b54708;font-weight:600}.fails{color:#b42318;font-weight:600}
 pre{background:#f6f8fa;padding:.7rem;overflow-x:auto;border-radius:6px}.muted{color:#57606a}
 .card{border:1px solid #d0d7de;border-radius:8px;padding:.8rem 1.1rem;margin:1rem 0}
+:lang(ko){word-break:keep-all;overflow-wrap:anywhere}
 """
 
 

@@ -52,6 +52,9 @@ UI: dict[str, dict[str, str]] = {
     "mode_quick": {"en": "quick mode (small set-ups for tests; verdicts can differ from a full run)",
                    "ko": "빠른 모드 (테스트용 작은 설정이라 전체 실행과 판정이 다를 수 있음)"},
     "mode_full": {"en": "full run", "ko": "전체 실행"},
+    "quick_ran": {"en": "This quick run used a smaller set-up than the one described",
+                  "ko": "이 빠른 실행은 위 설명보다 작은 설정으로 돌렸습니다"},
+    "full_value": {"en": "full run", "ko": "전체 실행"},
     "run": {"en": "Run", "ko": "실행 정보"},
     "plots_note": {"en": "", "ko": "그림 안의 글자는 영어로 표기했습니다."},
     "no_plot": {"en": "The figure could not be drawn", "ko": "그림을 그리지 못했습니다"},
@@ -129,12 +132,34 @@ def _section(result: ExperimentResult, lang: str) -> str:
         f"<p><b>{escape(_t('claim', lang).capitalize())}:</b> {escape(info.claim(lang))}</p>"
         f"<p><b>{escape(_t('source', lang))}:</b> {escape(info.source)}</p>"
         f"<p><b>{escape(_t('setup', lang))}:</b> {escape(info.setup(lang))}</p>"
+        f"{_quick_setup(result, info, lang)}"
         f"<p><b>{escape(_t('verdict', lang).capitalize())}:</b> {_verdict_html(result.verdict, lang)} "
         f'<span class="muted">({result.seconds:.1f} s)</span></p>'
         f"{checks}{''.join(figs)}"
         + (f'<p class="muted">{escape(note)}</p>' if note else "")
         + f"{details}</section>"
     )
+
+
+def quick_differences(result: ExperimentResult, info: Any) -> list[tuple[str, Any, Any]]:
+    """``(field, value run, full-run value)`` for each setting where a quick run differed."""
+    import dataclasses
+
+    if not result.quick:
+        return []
+    full = dataclasses.asdict(info.config)
+    return [(k, v, full[k]) for k, v in result.config.items()
+            if k in full and k != "seed" and v != full[k]]
+
+
+def _quick_setup(result: ExperimentResult, info: Any, lang: str) -> str:
+    """A quick run says what it really ran: the settings that differ from the described set-up."""
+    diffs = quick_differences(result, info)
+    if not diffs:
+        return ""
+    items = ", ".join(f"<code>{escape(k)}={escape(repr(v))}</code> ({escape(_t('full_value', lang))}: "
+                      f"{escape(repr(f))})" for k, v, f in diffs)
+    return f'<p class="muted"><b>{escape(_t("quick_ran", lang))}:</b> {items}</p>'
 
 
 def lab_html(results: Sequence[ExperimentResult], *, lang: str = "en", quick: bool | None = None,

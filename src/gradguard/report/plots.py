@@ -42,11 +42,35 @@ def _plt() -> Any:
     return plt
 
 
+def _shipped_hangul_font() -> str | None:
+    """The path of NanumGothic (SIL OFL) shipped by the ``koreanize-matplotlib`` package (the
+    ``ko`` extra), found without importing that package (its import changes global rcParams)."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("koreanize_matplotlib")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "fonts" / "NanumGothic.ttf"
+        if path.is_file():
+            return str(path)
+    return None
+
+
 @lru_cache(maxsize=1)
 def _hangul_font() -> str | None:
-    """A font that has Hangul glyphs, or None (then plot labels fall back to English)."""
+    """A font that has Hangul glyphs, or None (then plot labels fall back to English).
+
+    First the font the ``ko`` extra ships (so a machine without system fonts, a CI runner or a
+    slim container, still draws Korean labels), then the usual system fonts."""
     from matplotlib import font_manager
 
+    shipped = _shipped_hangul_font()
+    if shipped is not None:
+        font_manager.fontManager.addfont(shipped)
+        return font_manager.FontProperties(fname=shipped).get_name()
     for name in _HANGUL_FONTS:
         try:
             font_manager.findfont(name, fallback_to_default=False)

@@ -144,7 +144,7 @@ def run(cfg: Config) -> Outcome:
                 "gradient_ratio", ok,
                 f"At depth {deep} the first layer of the sigmoid net gets under 1/1000 of the last "
                 "layer's gradient, while every ReLU-family net keeps more than 1/10.",
-                f"깊이 {deep}에서 sigmoid 신경망의 첫 층은 마지막 층 그래디언트의 1/1000도 받지 못하지만, "
+                f"깊이 {deep}에서 sigmoid 신경망의 첫 층은 마지막 층 기울기의 1/1000도 받지 못하지만, "
                 "ReLU 계열은 모두 1/10 이상을 유지한다.",
                 f"‖∇W₁‖/‖∇W_L‖ at init: " + ", ".join(f"{a} {fmt(ratio[deep][a])}" for a in cfg.activations) + ".",
                 f"초기화 직후 ‖∇W₁‖/‖∇W_L‖: " + ", ".join(f"{a} {fmt(ratio[deep][a])}" for a in cfg.activations) + ".",
@@ -189,7 +189,7 @@ INFO = ExperimentInfo(
     claim_en="At depth 10–20, sigmoid and tanh nets stall while ReLU, LeakyReLU, ELU, GELU and "
              "PReLU nets train; the first/last gradient ratio shows why.",
     claim_ko="깊이가 10–20 정도 되면 sigmoid와 tanh 신경망은 학습이 멈추고, ReLU, LeakyReLU, ELU, GELU, "
-             "PReLU 신경망은 학습된다. 첫 층과 마지막 층의 그래디언트 비율이 그 이유를 보여 준다.",
+             "PReLU 신경망은 학습된다. 첫 층과 마지막 층의 기울기 비율이 그 이유를 보여 준다.",
     source="Glorot, Bordes & Bengio (2011), \"Deep Sparse Rectifier Neural Networks\", AISTATS; "
            "Clevert et al. (2016), ELU, ICLR; He et al. (2015), PReLU, ICCV; Hendrycks & Gimpel (2016), GELU",
     setup_en="MLPs of 64 units, 10 and 20 hidden layers, on scikit-learn digits; SGD with momentum "

@@ -79,7 +79,7 @@ def run(cfg: Config) -> Outcome:
         "unclipped_explodes", ok,
         f"At lr {cfg.high_lr:g} without clipping the gradient norm spikes (≥ 100× the safe run's median) "
         "and the model learns nothing beyond character frequencies (held-out loss ≥ the unigram loss).",
-        f"lr {cfg.high_lr:g}에서 클리핑 없이 학습하면 그래디언트 노름이 튀고 (안전한 학습률일 때 중앙값의 "
+        f"lr {cfg.high_lr:g}에서 클리핑 없이 학습하면 기울기 노름이 튀고 (안전한 학습률일 때 중앙값의 "
         "100배 이상), 모델은 문자 빈도 이상을 배우지 못한다 (검증 손실 ≥ 유니그램 손실).",
         f"max ‖g‖ {fmt(max_norm[high])} vs the safe run's median {fmt(median_safe)} (×{fmt(spike)}); held-out "
         f"loss {fmt(hv)} vs unigram {fmt(unigram)} nats; runs that hit NaN: {diverged[high]}/{len(runs[high])}.",
@@ -135,10 +135,10 @@ def plot(result: ExperimentResult) -> list:
 INFO = ExperimentInfo(
     name="clipping_rnn",
     title_en="Gradient clipping rescues an RNN at a high learning rate",
-    title_ko="그래디언트 클리핑이 높은 학습률의 RNN을 살린다",
+    title_ko="기울기 클리핑이 높은 학습률의 RNN을 살린다",
     claim_en="A character-level tanh RNN trained at a high learning rate explodes without clipping "
              "and trains with gradient-norm clipping.",
-    claim_ko="높은 학습률로 학습하는 문자 단위 tanh RNN은 클리핑 없이는 폭주하고, 그래디언트 노름 클리핑을 "
+    claim_ko="높은 학습률로 학습하는 문자 단위 tanh RNN은 클리핑 없이는 폭주하고, 기울기 노름 클리핑을 "
              "하면 학습된다.",
     source="Pascanu, Mikolov & Bengio (2013), \"On the difficulty of training recurrent neural "
            "networks\", ICML, Algorithm 1",

@@ -160,7 +160,7 @@ def run(cfg: Config) -> Outcome:
         f"activation std layer 1 → {cfg.scale_depth}: {fmt(sweep_std[big][0])} → {fmt(sweep_std[big][-1])} "
         f"(×{fmt(growth)}); gradient norm at init {fmt(b['grad_norm'])}; training {div}.",
         f"활성값 표준편차가 1층 → {cfg.scale_depth}층에서 {fmt(sweep_std[big][0])} → {fmt(sweep_std[big][-1])} "
-        f"(×{fmt(growth)}). 초기 그래디언트 노름 {fmt(b['grad_norm'])}. 학습: {div_ko}.",
+        f"(×{fmt(growth)}). 초기 기울기 노름 {fmt(b['grad_norm'])}. 학습: {div_ko}.",
         f"N(0,{big}²): act ×{fmt(growth)}, {'NaN' if b['diverged_at'] is not None else fmt(b['final_loss'])}",
         {"big_init_growth": growth, "big_init_grad_norm": b["grad_norm"]},
     ))
@@ -170,12 +170,12 @@ def run(cfg: Config) -> Outcome:
     checks.append(Check(
         "small_init_vanishes", ok,
         f"With N(0, {small}²) weights the signal and the gradients vanish and training stalls near ln 10.",
-        f"가중치를 N(0, {small}²)로 초기화하면 신호와 그래디언트가 사라지고, 손실은 ln 10 근처에서 멈춘다.",
+        f"가중치를 N(0, {small}²)로 초기화하면 신호와 기울기가 사라지고, 손실은 ln 10 근처에서 멈춘다.",
         f"activation std layer 1 → {cfg.scale_depth}: {fmt(sweep_std[small][0])} → {fmt(sweep_std[small][-1])} "
         f"(×{fmt(shrink)}); gradient norm at init {fmt(sm['grad_norm'])}; training loss "
         f"{fmt(sm['first_loss'], 4)} → {fmt(sm['final_loss'], 4)} after {cfg.scale_steps} steps.",
         f"활성값 표준편차가 1층 → {cfg.scale_depth}층에서 {fmt(sweep_std[small][0])} → {fmt(sweep_std[small][-1])} "
-        f"(×{fmt(shrink)}). 초기 그래디언트 노름 {fmt(sm['grad_norm'])}. 학습 손실은 {cfg.scale_steps} 스텝 동안 "
+        f"(×{fmt(shrink)}). 초기 기울기 노름 {fmt(sm['grad_norm'])}. 학습 손실은 {cfg.scale_steps} 스텝 동안 "
         f"{fmt(sm['first_loss'], 4)} → {fmt(sm['final_loss'], 4)}.",
         f"N(0,{small}²): act ×{fmt(shrink)}, loss {fmt(sm['final_loss'], 4)}",
         {"small_init_shrink": shrink, "small_init_final_loss": sm["final_loss"]},

@@ -180,7 +180,7 @@ INFO = ExperimentInfo(
     claim_en="On a deep net, momentum trains faster than plain SGD, and the adaptive methods "
              "(Adagrad, RMSProp, Adam), which scale each parameter's step by its own gradient "
              "history, train faster still.",
-    claim_ko="깊은 신경망에서는 모멘텀이 순수 SGD보다 빨리 학습되고, 파라미터마다 자기 그래디언트 이력으로 "
+    claim_ko="깊은 신경망에서는 모멘텀이 순수 SGD보다 빨리 학습되고, 파라미터마다 자기 기울기 이력으로 "
              "스텝 크기를 조절하는 적응형 방법(Adagrad, RMSProp, Adam)은 그보다 더 빠르다.",
     source="Sutskever et al. (2013), ICML (momentum); Duchi et al. (2011), JMLR (Adagrad); Tieleman "
            "& Hinton (2012), lecture 6.5 (RMSProp); Kingma & Ba (2015), \"Adam\", ICLR",

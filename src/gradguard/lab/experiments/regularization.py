@@ -141,8 +141,8 @@ def run(cfg: Config) -> Outcome:
         "The penalties change the gradient scale: late in training the data-loss gradient differs "
         "by more than 1.5× from the unpenalised run's and is balanced by the penalty's gradient "
         "(their norms within 3× of each other, counting for L1 only the weights that are not zeroed).",
-        "규제는 그래디언트의 크기를 바꾼다. 학습 후반 데이터 손실의 그래디언트가 규제 없는 경우와 1.5배 넘게 "
-        "차이 나고, 규제 항의 그래디언트와 균형을 이룬다 (두 노름이 서로 3배 이내. L1은 0이 되지 않은 가중치만 센다).",
+        "규제는 기울기의 크기를 바꾼다. 학습 후반 데이터 손실의 기울기가 규제 없는 경우와 1.5배 넘게 "
+        "차이 나고, 규제 항의 기울기와 균형을 이룬다 (두 노름이 서로 3배 이내. L1은 0이 되지 않은 가중치만 센다).",
         f"‖∇ data loss‖ on the training set: none {fmt(g0)}, L2 {fmt(m['l2']['data_grad'])} (×{fmt(ratios['l2'])}), "
         f"L1 {fmt(m['l1']['data_grad'])} (×{fmt(ratios['l1'])}); ‖∇ penalty‖ (2λw; λ·sign(w) on non-zeroed weights): L2 {fmt(m['l2']['penalty_grad'])}, "
         f"L1 {fmt(m['l1']['penalty_grad'])}; final training loss none {fmt(m['none']['train_loss'])}, "
@@ -186,7 +186,7 @@ INFO = ExperimentInfo(
     title_ko="L1, L2 규제",
     claim_en="L1 and L2 penalties keep the weights small and change the scale of the gradients; L1 "
              "drives many weights to zero.",
-    claim_ko="L1, L2 규제는 가중치를 작게 유지하고 그래디언트의 크기를 바꾼다. L1은 많은 가중치를 0으로 만든다.",
+    claim_ko="L1, L2 규제는 가중치를 작게 유지하고 기울기의 크기를 바꾼다. L1은 많은 가중치를 0으로 만든다.",
     source="Krogh & Hertz (1992), \"A Simple Weight Decay Can Improve Generalization\", NIPS; "
            "Tibshirani (1996), \"Regression Shrinkage and Selection via the Lasso\", JRSS B",
     setup_en="An MLP (2 hidden ReLU layers of 256, He init) on scikit-learn digits, SGD lr 0.01 with "

@@ -173,7 +173,7 @@ def run(cfg: Config) -> Outcome:
         "depth10_magnitude", ok,
         f"At depth {cfg.profile_depth} the sigmoid net's first layer receives at most 0.5^10 ≈ 0.001 "
         "of the last layer's gradient, while tanh (tanh′ ≤ 1) loses at least 100 times less.",
-        f"깊이 {cfg.profile_depth}에서 sigmoid 신경망의 첫 층에는 마지막 층 그래디언트의 0.5^10 ≈ 0.001 이하만 "
+        f"깊이 {cfg.profile_depth}에서 sigmoid 신경망의 첫 층에는 마지막 층 기울기의 0.5^10 ≈ 0.001 이하만 "
         "도달하는 반면, tanh(tanh′ ≤ 1)는 그보다 100배 이상 덜 줄어든다.",
         "‖δ₁‖/‖δ_L‖: " + ", ".join(f"{k} {fmt(v)}" for k, v in {**sig_ratios, **tanh_ratios}.items())
         + f" (0.5^10 = {0.5 ** 10:.2e}).",
@@ -232,7 +232,7 @@ INFO = ExperimentInfo(
     title_ko="sigmoid 도함수와 깊이에 따른 곱",
     claim_en="σ′ ≤ 0.25 and tanh′ ≤ 1, so the gradient that reaches layer 1 shrinks like the "
              "product of the per-layer factors over depth (0.5¹⁰ ≈ 0.001).",
-    claim_ko="σ′ ≤ 0.25, tanh′ ≤ 1이므로 첫 번째 층까지 전달되는 그래디언트는 층마다 곱해지는 계수의 곱만큼 "
+    claim_ko="σ′ ≤ 0.25, tanh′ ≤ 1이므로 첫 번째 층까지 전달되는 기울기는 층마다 곱해지는 계수의 곱만큼 "
              "줄어든다 (0.5¹⁰ ≈ 0.001).",
     source="Hochreiter (1991), diploma thesis, TU München; Glorot & Bengio (2010), "
            "\"Understanding the difficulty of training deep feedforward neural networks\", AISTATS, §4.2",
@@ -240,7 +240,7 @@ INFO = ExperimentInfo(
              "batch of scikit-learn digits, measured at initialisation: the gradient with respect "
              "to each hidden layer's pre-activation, against the product of the per-layer gains.",
     setup_ko="먼저 격자 위에서 autograd로 도함수를 구한다. 그다음 폭 64, 은닉층 2–20개짜리 MLP를 scikit-learn "
-             "digits 한 배치에 대해 초기화 직후 그대로 측정한다. 각 은닉층 pre-activation에 대한 그래디언트를 "
+             "digits 한 배치에 대해 초기화 직후 그대로 측정한다. 각 은닉층 pre-activation에 대한 기울기를 "
              "층별 이득의 곱과 비교한다.",
     config=Config(),
     quick_config=Config(depths=(2, 5, 10), n_seeds=2, batch_size=256),
