@@ -62,6 +62,7 @@ def _history_file(path: Path, steps: int = 20) -> Path:
         h.clipped.append(False)
         h.skipped.append(False)
         h.lr_scale.append(1.0)
+        h.lr.append(0.1)
         h.layer_norm.append([0.7, 0.7])
         h.update_ratio.append([float("nan")] * 2)
     h.to_jsonl(path)
@@ -92,10 +93,10 @@ def test_python_dash_m_gradguard(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content, message", [
     (None, "is a directory"),
-    ("", "holds no steps"),
-    ("\n\n", "holds no steps"),
-    ("this is not json\n", "is not a gradguard history"),
-    ('{"no_step": 1}\n', "is not a gradguard history"),
+    ("", "Too few steps to judge"),
+    ("\n\n", "Too few steps to judge"),
+    ("this is not json\n", "run.jsonl:1: not JSON"),
+    ('{"no_step": 1}\n', "run.jsonl:1: not a gradguard history record"),
     (b"\xff\xfe\x00garbage", "is not a gradguard history"),
 ])
 def test_report_bad_input_exits_2(tmp_path: Path, content: str | bytes | None, message: str,

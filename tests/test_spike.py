@@ -456,6 +456,7 @@ def test_state_dict_round_trips_through_weights_only_and_refuses_other_settings(
 
 
 def test_history_carries_the_effective_lr(caplog):
+    caplog.set_level("WARNING", logger="gradguard")  # another module may have raised it to ERROR
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gg.Guard(model, spike=policy(lr_factor=0.5, backoff_steps=4, trigger=2, window=2))

@@ -923,7 +923,7 @@ class ZClip(ClipPolicy):
         self._consts = (torch.ones((), dtype=dt, device=device),
                         torch.full((), math.inf, dtype=dt, device=device))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         saved = state_dict.get("state")
         if isinstance(saved, dict) and "w_mean" in saved:
             # gradguard 0.1 kept the warm-up in Welford fields (mean, sum of squared deviations).
@@ -931,8 +931,9 @@ class ZClip(ClipPolicy):
             n = saved["count"].clamp(min=1).to(saved["w_m2"].dtype)
             saved = {**saved, "mean": torch.where(warm, saved["w_mean"], saved["mean"]),
                      "var": torch.where(warm, saved["w_m2"] / n, saved["var"])}
+            saved = {k: v for k, v in saved.items() if k not in ("w_mean", "w_m2")}
             state_dict = {**state_dict, "state": saved}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict, strict)
 
     def clip_(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], stats: GradStats,
               skip: Tensor) -> tuple[Tensor, Tensor]:

@@ -90,6 +90,8 @@ def check_outputs(args: Any) -> str | None:
             why = _unwritable(str(value), directory=directory)
             if why is not None:
                 return f"{flag}: {why}"
+    if getattr(args, "html", None):
+        import matplotlib  # noqa: F401  (the page's charts; a core-only install hears which extra)
     return None
 
 

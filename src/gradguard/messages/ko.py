@@ -171,7 +171,7 @@ FINDINGS: dict[str, dict[str, object]] = {
                 "때까지 내려오지 않았습니다. 일시적인 스파이크가 아니라 학습이 발산했습니다."
             ),
             "grad_norm": (
-                "그래디언트 노름이 {start_step}번째 스텝부터 {before}에서 {after}(×{factor})로 올라 "
+                "기울기 노름이 {start_step}번째 스텝부터 {before}에서 {after}(×{factor})로 올라 "
                 "기록이 끝날 때까지 내려오지 않았습니다."
             ),
         },
@@ -180,7 +180,7 @@ FINDINGS: dict[str, dict[str, object]] = {
         "title": "매 스텝 클리핑됨",
         "text": {
             "text": (
-                "적용된 스텝의 {share_pct}가 {threshold}에서 클리핑되었습니다(그래디언트 노름의 "
+                "적용된 스텝의 {share_pct}가 {threshold}에서 클리핑되었습니다(기울기 노름의 "
                 "중앙값 {median_norm}). 클리핑이 더 이상 이상치를 잘라내는 것이 아니라 스텝 크기를 "
                 "정하고 있습니다. 문제는 스텝 크기입니다. 학습률을 낮추세요."
             ),
@@ -497,8 +497,8 @@ STORY: dict[str, str] = {
     "step": "{a}번째 스텝",
     "steps": "{a}–{b}번째 스텝",
     "loss": "손실 ×{factor}",
-    "nonfinite": "그래디언트나 손실이 유한하지 않은 스텝 {n}개",
-    "nonfinite_layer": "그래디언트나 손실이 유한하지 않은 스텝 {n}개(처음은 {layer})",
+    "nonfinite": "기울기나 손실이 유한하지 않은 스텝 {n}개",
+    "nonfinite_layer": "기울기나 손실이 유한하지 않은 스텝 {n}개(처음은 {layer})",
     "skipped": "{n}스텝 건너뜀",
     "backoff": "{steps}스텝 동안 학습률 ×{factor}",
     "rollback": "{n}번 롤백({to}번째 스텝으로)",
@@ -530,7 +530,7 @@ FINDINGS.update({
         "text": {
             "text": (
                 "배치 전체의 손실이 절반 배치의 {batch_ratio}배입니다. 손실이 배치에 대해 "
-                "합산되어 그래디언트와 실질 학습률이 배치 크기에 비례해 "
+                "합산되어 기울기와 실질 학습률이 배치 크기에 비례해 "
                 "커지며, 이 실행은 불안정합니다."
             ),
         },
@@ -545,17 +545,17 @@ CAUSES.update({
     },
     "unscaled_data": {
         "title": "스케일이 맞지 않은 데이터",
-        "text": "입력이나 타깃이 단위 스케일에서 멀면 첫 층의 그래디언트(또는 손실)가 다른 "
+        "text": "입력이나 타깃이 단위 스케일에서 멀면 첫 층의 기울기(또는 손실)가 다른 "
                 "층보다 훨씬 커져서 하나의 학습률로 맞출 수 없습니다.",
     },
     "summed_loss": {
         "title": "배치에 대해 합산된 손실",
-        "text": "reduction='sum'은 그래디언트를 배치(와 시퀀스) 크기에 비례해 키웁니다.",
+        "text": "reduction='sum'은 기울기를 배치(와 시퀀스) 크기에 비례해 키웁니다.",
     },
     "closed_forget_gate": {
         "title": "닫힌 망각 게이트",
         "text": "망각 게이트 바이어스가 음수로 시작한 LSTM은 매 스텝 상태를 잊어버려서 "
-                "시간을 거슬러 그래디언트가 흐르지 않습니다.",
+                "시간을 거슬러 기울기가 흐르지 않습니다.",
     },
 })
 
@@ -573,12 +573,12 @@ REMEDIES.update({
     "pre_ln": {
         "title": "Pre-LN 트랜스포머 층",
         "text": "각 LayerNorm을 어텐션/MLP 하위 층 앞에 둡니다(Pre-LN). 잔차 경로가 항등으로 "
-                "남아 깊이와 관계없이 그래디언트가 첫 층까지 닿습니다.",
+                "남아 깊이와 관계없이 기울기가 첫 층까지 닿습니다.",
         "snippet": "nn.TransformerEncoderLayer(d_model, nhead, norm_first=True)",
     },
     "forget_gate_bias": {
         "title": "LSTM 망각 게이트 열기 (바이어스 +1)",
-        "text": "망각 게이트 바이어스를 +1로 시작해 셀이 상태를 유지하고 그래디언트가 시간을 "
+        "text": "망각 게이트 바이어스를 +1로 시작해 셀이 상태를 유지하고 기울기가 시간을 "
                 "거슬러 흐르게 합니다(Gers 외 2000; Jozefowicz 외 2015).",
         "snippet": _en.REMEDIES["forget_gate_bias"]["snippet"],  # code reads the same
     },
@@ -603,7 +603,7 @@ REMEDIES.update({
     },
     "mean_reduction": {
         "title": "손실 평균 (reduction='mean')",
-        "text": "손실을 배치(와 토큰)에 대해 합하지 말고 평균을 내어, 그래디언트가 배치 크기에 "
+        "text": "손실을 배치(와 토큰)에 대해 합하지 말고 평균을 내어, 기울기가 배치 크기에 "
                 "따라 커지지 않게 합니다.",
         "snippet": "loss = F.cross_entropy(logits, y, reduction='mean')",
     },
