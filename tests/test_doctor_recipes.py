@@ -460,3 +460,16 @@ def test_every_detector_is_scale_free_in_the_loss(c: float, shape: str, seed: in
     a = run_detectors(_recorded(loss, gn))
     b = run_detectors(_recorded([c * v for v in loss], [c * g for g in gn]))
     assert [(f.code, f.layers, f.causes) for f in a] == [(f.code, f.layers, f.causes) for f in b]
+
+
+def test_diagnose_on_a_compiled_model_names_the_users_modules() -> None:
+    """torch.compile wraps the model in an OptimizedModule; the doctor examines the user's module."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    compiled = torch.compile(net, backend="eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    report = gg.diagnose(compiled, nn.functional.cross_entropy, (x, y), opt, steps=5)
+    names = report.history.layers
+    assert names and not any("_orig_mod" in n for n in names)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), compiled.parameters()))

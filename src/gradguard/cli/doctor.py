@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         setup = unpack(load_factory(args.target)(), args.target)
         steps = args.steps if args.steps is not None else int(setup.get("steps") or 30)
-        with progress_bar(con, "doctor") as update:
+        with progress_bar(con, "doctor", args.lang) as update:
             report = diagnose(setup["model"], setup.get("loss_fn"), setup["data"],
                               setup["optimizer"], steps=steps, try_remedies=args.try_remedies,
                               step_fn=setup.get("step_fn"), scheduler=setup.get("scheduler"),

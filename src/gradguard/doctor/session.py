@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard._checks import check_int
+from gradguard._plan import unwrap_compiled
 from gradguard.doctor.detectors import run_detectors
 from gradguard.doctor.probes import Probe, ProbeSummary
 from gradguard.doctor.ranking import (
@@ -145,6 +146,7 @@ def diagnose(
     if max_seconds is not None and not (isinstance(max_seconds, (int, float))
                                         and max_seconds > 0):
         raise ValueError(f"`max_seconds` must be a positive number or None, got {max_seconds!r}.")
+    model = unwrap_compiled(model)  # torch.compile's wrapper: its copies need no compilation
     check_optimizer(model, optimizer)
     check_scheduler(scheduler, optimizer)
     n = steps if optimizer is not None else min(steps, EXAM_BATCHES)
