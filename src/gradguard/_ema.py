@@ -76,25 +76,3 @@ def running_update(
     upd = do_warm | do_ema
     return (torch.where(upd, mean, st.mean), torch.where(upd, var, st.var),
             st.count + do_warm)
-
-
-class _LegacyState(RunningState, Protocol):
-    @property
-    def w_mean(self) -> Tensor: ...
-    @property
-    def w_m2(self) -> Tensor: ...
-
-
-def warmup_then_ema(
-    st: _LegacyState, value: Tensor, accept: Tensor, fed: Tensor, do_ema: Tensor, alpha: float,
-    warmup: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`running_update` for states that still carry Welford fields (``w_mean``, ``w_m2``,
-    now unused and returned unchanged): the next ``(mean, var, count, w_mean, w_m2)``.
-
-    ``value`` is this step's raw value; during the warm-up it is what is averaged (``fed`` may
-    differ from it only after the warm-up).
-    """
-    warm = st.count < warmup
-    x = fed if fed is value else torch.where(warm, value, fed)
-    return (*running_update(st, x, accept, do_ema, alpha, warmup, warm), st.w_mean, st.w_m2)
